@@ -1,0 +1,20 @@
+"""Layer 1: mirrors over named parameter slices and matrix-free curvature (no model classes here)."""
+
+from .hessian import HVP, ProjectedHessian, checked_loss, gradient, lanczos_min_eig
+from .mirror import Mirror, check_invariance
+from .slices import Slice, gather, parse_spec, scatter, spec_of
+
+__all__ = [
+    "HVP",
+    "Mirror",
+    "ProjectedHessian",
+    "Slice",
+    "check_invariance",
+    "checked_loss",
+    "gather",
+    "gradient",
+    "lanczos_min_eig",
+    "parse_spec",
+    "scatter",
+    "spec_of",
+]

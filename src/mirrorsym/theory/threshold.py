@@ -1,0 +1,115 @@
+"""Theorem 1 quantities (THEORY.md §2), matrix-free.
+
+Convention: L_γ(θ) = L(θ) + γ‖θ‖²; ``loss_fn`` is L without decay. PyTorch's coupled
+``weight_decay=λ`` adds λθ to the gradient, so λ = 2γ (:func:`torch_weight_decay`).
+
+Unless ``project=False``, every quantity is evaluated at the orthogonal projection of ``params`` onto
+the mirror's surface S, where the theorem speaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.hessian import ProjectedHessian, checked_loss, gradient, lanczos_min_eig
+from ..core.mirror import Mirror
+from ..core.slices import Params
+
+DENSE_MAX_K = 64
+
+
+def torch_weight_decay(gamma: float) -> float:
+    """The ``weight_decay`` argument of a coupled torch optimizer (SGD, Adam) that realises γ‖θ‖²: 2γ.
+
+    Decoupled decay (AdamW) optimises a different objective; the threshold does not transfer to it.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return 2.0 * gamma
+
+
+@dataclass(frozen=True)
+class CurvatureResult:
+    """λ_min of Oᵀ∇²L O and what it took to get it."""
+
+    lambda_min: float
+    hvps: int
+    method: str  # "dense" | "lanczos"
+
+    @property
+    def gamma_c(self) -> float:
+        return max(0.0, -self.lambda_min / 2.0)
+
+
+def _at(params: Params, mirror: Mirror, project: bool) -> dict:
+    p = {k: v.detach() for k, v in params.items()}
+    return mirror.project(p) if project else p
+
+
+def projected_hessian(loss_fn, params: Params, mirror: Mirror, project: bool = True) -> ProjectedHessian:
+    """The linear operator Oᵀ∇²L(θ)O (k×k) built from HVPs; ``.as_linear_operator()`` for scipy."""
+    return ProjectedHessian(loss_fn, _at(params, mirror, project), mirror)
+
+
+def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool = True,
+                        max_hvps: int = 100, tol: float = 1e-10,
+                        generator: torch.Generator | None = None) -> CurvatureResult:
+    """λ_O = λ_min(Oᵀ∇²L O): dense for k ≤ 64 (k HVPs), Lanczos otherwise (≤ ``max_hvps`` HVPs)."""
+    op = projected_hessian(loss_fn, params, mirror, project)
+    if op.k <= DENSE_MAX_K:
+        lam = torch.linalg.eigvalsh(op.to_dense().double())[0].item()
+        return CurvatureResult(lam, op.hvp.calls, "dense")
+    lam, _ = lanczos_min_eig(op.matvec, op.k, op.dtype, op.device, max_iter=max_hvps, tol=tol,
+                             generator=generator)
+    return CurvatureResult(lam, op.hvp.calls, "lanczos")
+
+
+def critical_weight_decay(loss_fn, params: Params, mirror: Mirror, project: bool = True,
+                          max_hvps: int = 100) -> float:
+    """γ_c = max(0, −λ_min(Oᵀ∇²L O)/2) in the L + γ‖θ‖² convention (THEORY.md §2.3).
+
+    For γ > γ_c a minimum of L_γ restricted to S is a strict local minimum; for γ < γ_c it is a saddle
+    that gradient descent escapes along O. Pass ``torch_weight_decay(γ_c)`` to a coupled torch optimizer.
+    """
+    return projected_curvature(loss_fn, params, mirror, project, max_hvps).gamma_c
+
+
+def stationarity_residual(loss_fn, params: Params, mirror: Mirror, project: bool = True) -> float:
+    """‖Oᵀ∇L(θ)‖: zero up to round-off on the surface of a true mirror symmetry (THEORY.md §2.1)."""
+    p = _at(params, mirror, project)
+    checked_loss(loss_fn, p)
+    return mirror.coefficients(gradient(loss_fn, p), tangent=True).norm().item()
+
+
+def hessian_cross_norm(loss_fn, params: Params, mirror: Mirror, project: bool = True, iters: int = 30,
+                       generator: torch.Generator | None = None) -> float:
+    """Power-iteration estimate of ‖P∇²L(I − P)‖₂ with P = OOᵀ: zero on the surface of a true mirror
+    symmetry (no Hessian cross terms, THEORY.md §2.2). Costs 2 HVPs per iteration."""
+    op = projected_hessian(loss_fn, params, mirror, project)
+    hvp, p = op.hvp, op.params
+    gen = generator or torch.Generator().manual_seed(0)
+
+    def off(v):  # (I − P) v
+        pv = mirror.project_tangent(v)
+        return {k: v[k] - pv[k] for k in v}
+
+    x = off({k: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for k, t in p.items()})
+    def norm(v):
+        return torch.sqrt(sum((t * t).sum() for t in v.values())).item()
+
+    sigma, scale = 0.0, None
+    for _ in range(iters):
+        xn = norm(x)
+        if xn == 0:
+            return 0.0
+        x = {k: t / xn for k, t in x.items()}
+        hx = hvp(x)
+        scale = scale or norm(hx)  # ‖H‖-sized: below round-off of it the cross block is zero
+        y = mirror.project_tangent(hx)  # A x = P H (I−P) x
+        sigma = norm(y)
+        if sigma <= 1e-12 * scale:
+            return sigma  # renormalising round-off would only amplify noise
+        x = off(hvp(y))  # Aᵀ A x
+    return sigma

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tanh_net_params(n_in=3, hidden=6, n_out=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "fc1.weight": torch.randn(hidden, n_in, generator=g, dtype=dtype),
+        "fc1.bias": torch.randn(hidden, generator=g, dtype=dtype),
+        "fc2.weight": torch.randn(n_out, hidden, generator=g, dtype=dtype),
+    }
+
+
+def tanh_net(params, x):
+    h = torch.tanh(x @ params["fc1.weight"].T + params["fc1.bias"])
+    return h @ params["fc2.weight"].T
+
+
+def unit(i):
+    return {"fc1.weight": (0, [i]), "fc1.bias": (0, [i]), "fc2.weight": (1, [i])}

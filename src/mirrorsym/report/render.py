@@ -1,0 +1,90 @@
+"""Render the reproduction report as Markdown and as one self-contained HTML file (figures inlined)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, (list, tuple)):
+        items = [_fmt(v) for v in x[:8]]
+        return "[" + ", ".join(items) + (", …" if len(x) > 8 else "") + "]"
+    if isinstance(x, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in x.items())
+    return str(x)
+
+
+def _header(meta: dict) -> list[str]:
+    v = ", ".join(f"{k} {val}" for k, val in meta["versions"].items())
+    return [
+        f"- command: `{meta['command']}`",
+        f"- size: {meta['size']}, device: {meta['device']}, backend: {meta['backend']}, base seed: {meta['seed']}",
+        f"- machine: {meta['machine']}",
+        f"- versions: {v}",
+        f"- date: {meta['date']}",
+    ]
+
+
+def write_markdown(out: Path, sections: list[dict], claims: list[dict], meta: dict) -> Path:
+    n_ok = sum(c["passed"] for c in claims)
+    lines = ["# mirrorsym: reproduction of “Symmetry Induces Structure and Constraint of Learning”", "",
+             *_header(meta), "", f"**{n_ok}/{len(claims)} claims passed.**", "",
+             "| experiment | claim | predicted | measured | passed | seconds |", "|---|---|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c['experiment']} | {c['claim']} | {_fmt(c['predicted'])} | {_fmt(c['measured'])} | "
+                     f"{'yes' if c['passed'] else '**NO**'} | {c['seconds']:.1f} |")
+    for sec in sections:
+        lines += ["", f"## {sec['name']}: {sec['title']}", ""]
+        if sec["doc"]:
+            lines += [sec["doc"], ""]
+        for fig in sec["figures"]:
+            lines.append(f"![{fig.stem}]({fig.relative_to(out).as_posix()})")
+        if sec["error"]:
+            lines += ["", "```", sec["error"].strip(), "```"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top}
+.ok{color:#176f2c;font-weight:bold}.bad{color:#b00020;font-weight:bold}img{max-width:100%;margin:.5em 0}
+pre{background:#f6f6f6;padding:.5em;overflow-x:auto}code{background:#f2f2f2}"""
+
+
+def write_html(out: Path, sections: list[dict], claims: list[dict], meta: dict) -> Path:
+    e = html.escape
+    n_ok = sum(c["passed"] for c in claims)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mirrorsym reproduction</title>"
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>mirrorsym: reproduction of “Symmetry Induces Structure and Constraint of Learning”</h1><ul>"]
+    parts += [f"<li>{e(line[2:]).replace('`', '')}</li>" for line in _header(meta)]
+    parts.append(f"</ul><p><b>{n_ok}/{len(claims)} claims passed.</b></p><table><tr><th>experiment</th>"
+                 "<th>claim</th><th>predicted</th><th>measured</th><th>passed</th><th>seconds</th></tr>")
+    for c in claims:
+        ok = "<span class='ok'>yes</span>" if c["passed"] else "<span class='bad'>NO</span>"
+        parts.append(f"<tr><td>{e(c['experiment'])}</td><td>{e(c['claim'])}</td><td>{e(_fmt(c['predicted']))}</td>"
+                     f"<td>{e(_fmt(c['measured']))}</td><td>{ok}</td><td>{c['seconds']:.1f}</td></tr>")
+    parts.append("</table>")
+    for sec in sections:
+        parts.append(f"<h2 id='{e(sec['name'])}'>{e(sec['name'])}: {e(sec['title'])}</h2>")
+        if sec["doc"]:
+            parts.append("".join(f"<p>{e(p)}</p>" for p in sec["doc"].split("\n\n")))
+        for fig in sec["figures"]:
+            data = base64.b64encode(Path(fig).read_bytes()).decode()
+            parts.append(f"<img alt='{e(fig.stem)}' src='data:image/png;base64,{data}'>")
+        if sec["error"]:
+            parts.append(f"<pre>{e(sec['error'])}</pre>")
+    parts.append("<h2>claims.json</h2><pre>" + e(json.dumps(claims, indent=1)[:20000]) + "</pre></body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def write_report(out: Path, sections: list[dict], claims: list[dict], meta: dict) -> tuple[Path, Path]:
+    return write_markdown(out, sections, claims, meta), write_html(out, sections, claims, meta)

@@ -1,0 +1,152 @@
+"""Run experiment modules, keep their results, and build the report.
+
+Each experiment writes into ``OUT/<name>/``: ``results.json`` (with the config it was run with) and its
+figures. A rerun with the same config loads the stored results instead of recomputing (``fresh=True``
+recomputes), so an interrupted reproduction resumes where it stopped. An experiment that raises is
+recorded as a failed claim and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..experiments import registry
+from ..experiments.base import Claim, Context, config_key, to_jsonable
+from .render import write_report
+
+SIZES = ("tiny", "quick", "full")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
+    os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file
+
+
+def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict:
+    """Run (or load) one experiment; returns {results, claims, figures, seconds, cached, error}."""
+    cfg = module.CONFIGS[size]
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    store = ctx.out_dir / "results.json"
+    key = config_key(cfg)
+    cached = None
+    if store.exists() and not fresh:
+        saved = json.loads(store.read_text())
+        if saved.get("config") == key:
+            cached = saved
+    if cached is None:
+        t0 = time.perf_counter()
+        # plot() and claims() always see the JSON form, whether fresh or loaded from the store
+        results = json.loads(json.dumps(to_jsonable(module.run(cfg, ctx))))
+        seconds = time.perf_counter() - t0
+        _write_json(store, {"config": key, "seconds": seconds, "results": results})
+    else:
+        results, seconds = cached["results"], cached["seconds"]
+    figures = [Path(f) for f in module.plot(results, ctx)]
+    claims = module.claims(results, cfg)
+    return {"results": results, "claims": claims, "figures": figures, "seconds": seconds,
+            "cached": cached is not None, "error": None}
+
+
+def run_reproduction(names: list[str] | None = None, size: str = "quick", out: Path | str = "report",
+                     device: str = "auto", backend: str = "local", address: str | None = None,
+                     fresh: bool = False, console: Console | None = None) -> int:
+    """Run the named experiments (all by default) and write the report; returns 0 iff every claim passed."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"--backend must be local or ray, got {backend!r}")
+    reg = registry()
+    chosen = names or list(reg)
+    unknown = [n for n in chosen if n not in reg]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; known: {list(reg)} (mirrorsym reproduce --list)")
+    dev = resolve_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = console or Console(stderr=True)
+    sections, all_claims = [], []
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("experiments", total=len(chosen))
+        for name in chosen:
+            module = reg[name]
+            progress.update(overall, description=f"experiments: {name}")
+            ctx = Context(out_dir=out / name, device=dev, backend=backend, address=address, size=size,
+                          progress=progress)
+            try:
+                sec = run_experiment(module, size, ctx, fresh)
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted: finished experiments are saved; rerun to resume[/]")
+                raise
+            except Exception as exc:  # one broken experiment must not hide the others' results
+                sec = {"results": {}, "figures": [], "seconds": 0.0, "cached": False,
+                       "error": traceback.format_exc(),
+                       "claims": [Claim(f"{name} runs to completion", "completes", f"error: {exc}", False)]}
+            sec.update(name=name, title=module.TITLE, doc=(module.__doc__ or "").strip())
+            sections.append(sec)
+            for c in sec["claims"]:
+                all_claims.append({"experiment": name, "claim": c.claim, "predicted": c.predicted,
+                                   "measured": c.measured, "passed": c.passed, "seconds": sec["seconds"]})
+            progress.advance(overall)
+    _write_json(out / "claims.json", all_claims)
+    meta = run_metadata(size, dev, backend)
+    write_report(out, sections, all_claims, meta)
+    _print_summary(console, all_claims, out)
+    return 0 if all(c["passed"] for c in all_claims) else 1
+
+
+def run_metadata(size: str, device: torch.device, backend: str) -> dict:
+    import platform
+
+    import numpy
+    import scipy
+    import sklearn
+
+    from .. import __version__
+
+    return {
+        "command": " ".join(["mirrorsym", *sys.argv[1:]]) if sys.argv and "mirrorsym" in sys.argv[0] else
+        f"mirrorsym reproduce --{size}",
+        "size": size,
+        "device": str(device),
+        "backend": backend,
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "versions": {"mirrorsym": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__},
+        "seed": 0,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _print_summary(console: Console, claims: list[dict], out: Path) -> None:
+    table = Table(title="mirrorsym reproduction", show_lines=False)
+    for col in ("experiment", "claim", "passed"):
+        table.add_column(col)
+    for c in claims:
+        table.add_row(c["experiment"], c["claim"], "[green]yes[/]" if c["passed"] else "[red]NO[/]")
+    console.print(table)
+    n_ok = sum(c["passed"] for c in claims)
+    console.print(f"{n_ok}/{len(claims)} claims passed. Report: {out / 'report.html'} (also report.md, claims.json)")

@@ -1,0 +1,53 @@
+"""Layer 4: constrain by symmetry (DCS, THEORY.md §5), export the smaller model, remove symmetries (§6).
+
+Conventions (THEORY.md §0): objective L + γ‖factors‖², torch coupled ``weight_decay = λ = 2γ``; the DCS
+penalties are then λ‖θ‖₁ (sparse), λΣ‖θ_g‖₂ (group_sparse, units), λ‖W‖_* (low_rank), λ‖Oᵀθ‖₁ (linear).
+Parametrizations change state-dict keys (``w`` → ``parametrizations.w.original{0,1,...}``); ``export`` bakes
+them away. Register before building the optimizer.
+"""
+
+from .apply import UnitGate, apply
+from .export import ExportReport, bake, count_params, export
+from .parametrizations import (
+    GroupSparse,
+    LinearConstraint,
+    LowRank,
+    Sparse,
+    dcs_parameters,
+    group_sparse,
+    linear,
+    low_rank,
+    param_groups,
+    sparse,
+    weight_decay_for,
+)
+from .remove import Offset, SymmetryRemoval, l2_init, remove_symmetries, shrink_and_perturb
+from .units import UnitGroup, sequential_unit_groups, unit_groups
+
+__all__ = [
+    "ExportReport",
+    "GroupSparse",
+    "LinearConstraint",
+    "LowRank",
+    "Offset",
+    "Sparse",
+    "SymmetryRemoval",
+    "UnitGate",
+    "UnitGroup",
+    "apply",
+    "bake",
+    "count_params",
+    "dcs_parameters",
+    "export",
+    "group_sparse",
+    "l2_init",
+    "linear",
+    "low_rank",
+    "param_groups",
+    "remove_symmetries",
+    "sequential_unit_groups",
+    "shrink_and_perturb",
+    "sparse",
+    "unit_groups",
+    "weight_decay_for",
+]

@@ -1,0 +1,31 @@
+"""Layer 5: train many copies at once (torch.func vmap), store the results, resume, scale out with Ray.
+
+Entry points: :class:`Sweep` (``.run(out_dir, backend="local"|"ray", address=None, device="auto",
+chunk_size=128) -> DataFrame``) and :func:`load_results`. Conventions: ``weight_decay`` is torch's
+coupled λ, i.e. γ = λ/2 in L + γ‖θ‖² (THEORY.md §0); every random draw of a run is a function of its
+seed (:mod:`mirrorsym.sweep.rng`), so a plain PyTorch loop reproduces any run
+(:func:`mirrorsym.sweep.reference.train_plain`).
+"""
+
+from . import rng
+from .config import OPTIONS, STANDARD, expand_grid, register_option, run_id
+from .engine import resolve_device, train_chunk
+from .reference import train_plain
+from .store import ResultStore, load_results
+from .sweep import Sweep, plan_chunks
+
+__all__ = [
+    "OPTIONS",
+    "STANDARD",
+    "ResultStore",
+    "Sweep",
+    "expand_grid",
+    "load_results",
+    "plan_chunks",
+    "register_option",
+    "resolve_device",
+    "rng",
+    "run_id",
+    "train_chunk",
+    "train_plain",
+]

@@ -1,5 +1,13 @@
 """Layer 3: the theory's predictions (THEORY.md §2, §4). Convention: L_γ = L + γ‖θ‖², torch λ = 2γ."""
 
+from .noise import (
+    CriticalLRResult,
+    LyapunovResult,
+    MinibatchCurvature,
+    critical_learning_rate,
+    lyapunov_exponent,
+    minibatch_curvature,
+)
 from .threshold import (
     CurvatureResult,
     critical_weight_decay,
@@ -11,7 +19,13 @@ from .threshold import (
 )
 
 __all__ = [
+    "CriticalLRResult",
     "CurvatureResult",
+    "LyapunovResult",
+    "MinibatchCurvature",
+    "critical_learning_rate",
+    "lyapunov_exponent",
+    "minibatch_curvature",
     "critical_weight_decay",
     "hessian_cross_norm",
     "projected_curvature",

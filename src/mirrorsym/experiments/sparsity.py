@@ -7,7 +7,8 @@ the lasso L(β) + 2γ‖β‖₁, i.e. scikit-learn's ``Lasso(alpha=γ)``.
 
 Part 1 trains one copy per γ with full-batch gradient descent (all copies at once) and compares the
 support with the per-coordinate thresholds computed by ``critical_weight_decay`` and the coefficients
-with scikit-learn's lasso path. Part 2 fixes γ and raises the learning rate with minibatch SGD: gradient
+with scikit-learn's lasso path. Part 2 fixes γ and raises the learning rate with minibatch SGD on the
+sweep engine (``ms.sweep``: every (lr, batch size) a vmapped copy, resumable, local or Ray): gradient
 noise alone drives extra coordinates onto their surfaces (THEORY.md §4), beyond the lasso support.
 A coordinate counts as zero when |u_i w_i| < ``zero_tol``.
 """
@@ -15,9 +16,11 @@ A coordinate counts as zero when |u_i w_i| < ``zero_tol``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core import Mirror
 from ..theory import critical_weight_decay
@@ -40,18 +43,18 @@ class Config:
     sgd_gamma: float = 0.02
     sgd_batch: tuple[int, ...] = (2, 8)
     sgd_lrs: tuple[float, ...] = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1)
-    sgd_time: float = 400.0  # lr × steps, so that every lr trains for the same time
+    sgd_steps: int = 10000
     zero_tol: float = 1e-6
     seed: int = 0
 
 
 CONFIGS = {
     "tiny": Config(n=60, d=8, support=3, gammas=(0.05, 0.3, 1.5), gd_steps=10000, sgd_batch=(2,),
-                   sgd_lrs=(0.01, 0.08), sgd_time=150.0),
+                   sgd_lrs=(0.01, 0.08), sgd_steps=4000),
     "quick": Config(),
     "full": Config(n=1000, d=100, support=20, gammas=tuple(float(g) for g in np.geomspace(0.002, 2.0, 40)),
                    gd_steps=100000, sgd_batch=(1, 2, 4, 8, 32), sgd_lrs=tuple(np.linspace(0.005, 0.12, 24)),
-                   sgd_time=1000.0),
+                   sgd_steps=40000),
 }
 
 
@@ -65,29 +68,54 @@ def make_data(cfg: Config):
     return X, y
 
 
-def train_hadamard(X, y, gamma, lr, steps: int, batch: int, generator: torch.Generator):
-    """SGD on K copies at once; ``gamma`` and ``lr`` are (K,) tensors. Returns (β of shape (K, d), the
-    step at which each copy diverged or −1). Minibatches are uniform without replacement per step."""
-    n, d = X.shape
-    K = len(gamma)
+def full_batch_gd(X, y, gammas: torch.Tensor, lr: float, steps: int, generator: torch.Generator):
+    """Gradient descent on mean (y − X(u ⊙ w))² + γ(‖u‖² + ‖w‖²) for every γ at once; returns β = u ⊙ w
+    of shape (K, d)."""
+    K, d = len(gammas), X.shape[1]
     u = 0.3 * torch.randn(K, d, generator=generator, dtype=X.dtype)
     w = 0.3 * torch.randn(K, d, generator=generator, dtype=X.dtype)
-    gamma, lr = gamma[:, None], lr[:, None]
-    diverged = torch.full((K,), -1)
-    for t in range(steps):
-        if batch < n:
-            idx = torch.rand(K, n, generator=generator).argsort(dim=1)[:, :batch]
-            Xb, yb = X[idx], y[idx]
-        else:
-            Xb, yb = X.expand(K, n, d), y.expand(K, n)
-        r = yb - (Xb * (u * w)[:, None, :]).sum(-1)
-        gb = -2 * (r[:, :, None] * Xb).mean(1)
-        u, w = u - lr * (gb * w + 2 * gamma * u), w - lr * (gb * u + 2 * gamma * w)
-        if t % 500 == 0 or t == steps - 1:
-            bad = ~torch.isfinite(u * w).all(1) & (diverged < 0)
-            diverged[bad] = t
-            u, w = torch.nan_to_num(u), torch.nan_to_num(w)  # frozen at 0 once diverged
-    return u * w, diverged
+    g = gammas[:, None]
+    gram, xty = X.T @ X / len(X), X.T @ y / len(X)  # ∂L/∂β = 2(Cβ − Xᵀy/n): d×d work per step, not n×d
+    for _ in range(steps):
+        grad_beta = 2 * ((u * w) @ gram - xty)
+        u, w = u - lr * (grad_beta * w + 2 * g * u), w - lr * (grad_beta * u + 2 * g * w)
+    return u * w
+
+
+class Hadamard(nn.Module):
+    """f(x) = Σ_i u_i w_i x_i (closed form A), initialised u, w ~ N(0, 0.3²) from ``seed``."""
+
+    def __init__(self, d: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.u = nn.Parameter(0.3 * torch.randn(d, generator=g, dtype=torch.float64))
+        self.w = nn.Parameter(0.3 * torch.randn(d, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * (self.u * self.w)).sum(-1)
+
+
+class ZeroFraction:
+    """Sweep metric: the fraction of coordinates with |u_i w_i| < tol (a class, so Ray can pickle it)."""
+
+    def __init__(self, tol: float):
+        self.tol = tol
+
+    def __call__(self, params: dict, data) -> torch.Tensor:
+        return ((params["u"] * params["w"]).abs() < self.tol).double().mean()
+
+
+def noise_sweep(X, y, cfg: Config, ctx: Context):
+    """SGD at γ = cfg.sgd_gamma for every (batch, lr) on ms.sweep: one vmapped chunk per batch size."""
+    from ..sweep import Sweep
+
+    grid = [{"lr": lr, "batch_size": b, "steps": cfg.sgd_steps, "weight_decay": 2 * cfg.sgd_gamma,
+             "seed": cfg.seed} for b in cfg.sgd_batch for lr in cfg.sgd_lrs]
+    sweep = Sweep(partial(Hadamard, cfg.d), nn.functional.mse_loss, (X, y), grid,
+                  metrics={"zero_fraction": ZeroFraction(cfg.zero_tol)},
+                  record_every=10**9, name="sparsity-noise")
+    return sweep.run(ctx.out_dir / "sweep", backend=ctx.backend, address=ctx.address, device=ctx.device,
+                     progress=False)
 
 
 def _loss_fn(X, y):
@@ -108,33 +136,22 @@ def run(cfg: Config, ctx: Context) -> dict:
 
     X, y = make_data(cfg)
     gammas = torch.tensor(cfg.gammas, dtype=torch.float64)
-    beta, _ = train_hadamard(X, y, gammas, torch.full_like(gammas, cfg.gd_lr), cfg.gd_steps, cfg.n,
-                             ctx.generator(1))
+    beta = full_batch_gd(X, y, gammas, cfg.gd_lr, cfg.gd_steps, ctx.generator(1))
     beta[beta.abs() < cfg.zero_tol] = 0.0
     alphas, coefs, _ = lasso_path(X.numpy(), y.numpy(), alphas=np.array(cfg.gammas), tol=1e-12, max_iter=100000)
     order = np.argsort(alphas)  # lasso_path returns alphas in decreasing order
     sk = coefs[:, order].T  # (K, d) in our γ order
     predicted = [predicted_support(X, y, beta[k], g) for k, g in enumerate(cfg.gammas)]
+    df = noise_sweep(X, y, cfg, ctx)
     noise = []
-    for batch in ctx.track(cfg.sgd_batch, "SGD batch sizes"):
-        b, div = _train_fixed_time(X, y, cfg, batch, ctx.generator(2 + batch))
-        noise.append({"batch": batch, "zero_fraction": (b.abs() < cfg.zero_tol).double().mean(1).tolist(),
-                      "diverged": (div >= 0).tolist()})
+    for batch in cfg.sgd_batch:
+        rows = df[df["batch_size"] == batch].sort_values("lr")
+        noise.append({"batch": batch, "zero_fraction": rows["zero_fraction"].tolist(),
+                      "diverged": (rows["status"] == "diverged").tolist()})
     lasso_at_sgd_gamma = lasso_path(X.numpy(), y.numpy(), alphas=np.array([cfg.sgd_gamma]), tol=1e-12,
                                     max_iter=100000)[1][:, 0]
     return {"gammas": list(cfg.gammas), "sgd_lrs": list(cfg.sgd_lrs), "beta": beta.tolist(), "sklearn": sk.tolist(), "predicted": predicted,
             "noise": noise, "lasso_zero_fraction": float(np.mean(np.abs(lasso_at_sgd_gamma) < cfg.zero_tol))}
-
-
-def _train_fixed_time(X, y, cfg: Config, batch: int, gen: torch.Generator):
-    """SGD at γ = cfg.sgd_gamma for each lr in cfg.sgd_lrs, each for the same time lr × steps."""
-    betas, divs = [], []
-    for lr in cfg.sgd_lrs:
-        b, d = train_hadamard(X, y, torch.tensor([cfg.sgd_gamma], dtype=torch.float64),
-                              torch.tensor([lr], dtype=torch.float64), int(cfg.sgd_time / lr), batch, gen)
-        betas.append(b[0])
-        divs.append(d[0])
-    return torch.stack(betas), torch.stack(divs)
 
 
 def plot(results: dict, ctx: Context) -> list:

@@ -1,0 +1,170 @@
+"""Small built-in models with known symmetries (used by ``mirrorsym scan NAME`` and the tests).
+
+Each factory returns ``(model, example_inputs)`` with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(activation: type[nn.Module] = nn.Tanh, sizes=(784, 256, 256, 10)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity (or 1x1 conv-BN when the width changes)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        skip = x if self.down is None else self.down(x)
+        return F.relu(h + skip)
+
+
+class SmallResNet(nn.Module):
+    """stem (conv-BN-ReLU-maxpool), two residual blocks (8 -> 8, 8 -> 16), global pool, linear head."""
+
+    def __init__(self, width: int = 8, n_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.block1 = BasicBlock(width, width)
+        self.block2 = BasicBlock(width, 2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x):
+        h = self.block2(self.block1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+class HandAttention(nn.Module):
+    """Multi-head self-attention written with Linear + view + matmul (GPT style), pre-LN block."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.ln(x)
+        q = self.q(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = self.k(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+        y = att.softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return x + self.o(y)
+
+
+class TinyTransformer(nn.Module):
+    """Linear embedding, nn.TransformerEncoder (2 layers, 4 heads), mean pool, linear head."""
+
+    def __init__(self, n_in: int = 6, dim: int = 16, heads: int = 4, layers: int = 2, n_out: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(n_in, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, n_out)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class LoRALinear(nn.Module):
+    """y = W0 x + B(A x): a frozen-style base plus a rank-r factor pair."""
+
+    def __init__(self, n_in: int = 12, n_out: int = 10, rank: int = 3):
+        super().__init__()
+        self.base = nn.Linear(n_in, n_out)
+        self.A = nn.Linear(n_in, rank, bias=False)
+        self.B = nn.Linear(rank, n_out, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(x))
+
+
+class TinyGPT(nn.Module):
+    """A GPT-2-style decoder block: token + position embeddings, pre-LN causal attention with one fused
+    qkv Linear split into heads, GELU MLP, final LayerNorm and a linear head over the vocabulary."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16, heads: int = 4, context: int = 8):
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        q, k, v = self.c_attn(self.ln1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.proj(F.gelu(self.fc(self.ln2(x))))
+        return self.head(self.ln_f(x))
+
+
+def _seeded(factory, *shape):
+    def make():
+        torch.manual_seed(0)
+        model = factory()
+        return model, torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+    return make
+
+
+EXAMPLES = {
+    "mlp-tanh": _seeded(lambda: mlp(nn.Tanh), 4, 784),
+    "mlp-relu": _seeded(lambda: mlp(nn.ReLU), 4, 784),
+    "cnn": _seeded(SmallResNet, 2, 3, 16, 16),
+    "attention": _seeded(HandAttention, 2, 5, 16),
+    "transformer": _seeded(TinyTransformer, 2, 5, 6),
+    "lora": _seeded(LoRALinear, 4, 12),
+    "gpt": lambda: (
+        _seeded_model(TinyGPT),
+        torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(1)),
+    ),
+}
+
+
+def _seeded_model(factory):
+    torch.manual_seed(0)
+    return factory()
+
+
+def example(name: str):
+    """``(model, example_inputs)`` for a built-in example (see ``EXAMPLES``)."""
+    try:
+        return EXAMPLES[name]()
+    except KeyError:
+        raise KeyError(f"no built-in example {name!r}; choose one of {sorted(EXAMPLES)}") from None

@@ -1,0 +1,416 @@
+"""Typed symmetry groups: how they act on a model, their mirrors and their symmetric surfaces.
+
+Kinds (``SymmetryGroup.kind``):
+
+* ``"permutation"``: the ``size`` units of a layer-level family (hidden units, channels, heads, the
+  units of a residual stream) permuted together. Element: a permutation ``perm`` (unit u takes the
+  weights of unit ``perm[u]``). Mirrors: the swaps of neighbouring units (i, i+1). Surface of the swap
+  (i, j): units i and j identical. Distance: min over pairs ‖θ_i − θ_j‖/√2.
+* ``"sign_flip"``: odd activations (tanh, sin, identity-like): d ∈ {±1}ⁿ; a unit's incoming weights
+  and bias are multiplied by d_u, its outgoing weights by 1/d_u. Mirrors: one sign flip per unit
+  (O = I on the unit); surface: the dead unit θ_u = 0. Distance: min over units ‖θ_u‖.
+* ``"rescale"``: positively homogeneous activations (ReLU, LeakyReLU, max pooling): d ∈ (0, ∞)ⁿ. A
+  continuous group with no reflection, so ``mirrors()`` is empty; its zero state θ_u = 0 is still
+  absorbing (σ(0) = 0), but Theorem 1's threshold does not apply. Distance: min over units ‖θ_u‖.
+* ``"scale"``: linear paths where only per-unit scaling passes (e.g. a norm's affine output read by a
+  Linear): d ∈ (ℝ∖0)ⁿ, containing both the sign flips (its mirrors) and the rescalings.
+* ``"bn_scale"``: the weights that feed a BatchNorm: per channel, scaling them by s > 0 is absorbed by
+  the normalisation (the running statistics are adjusted so that eval mode is exact: mean·s,
+  var → s²(var + eps) − eps; in train mode it is exact up to eps) and a sign flip is absorbed by
+  negating the BatchNorm weight γ: the (W, b, γ) → (−W, −b, −γ) mirror. Distance: min over channels
+  of ‖(W_c, b_c, γ_c)‖.
+* ``"rotation"``: two linear maps with only linear operations between them (Linear → Linear, LoRA
+  factors B·A, attention W_Q W_Kᵀ per head and W_V → W_O per head): Q ∈ O(n) acts on the shared
+  axis (rows of the writer, columns of the reader, both sides of a q·k contraction). ``mirrors()``
+  samples reflections I − 2vvᵀ. Distance: σ_min of the n × F matrix whose row u stacks every
+  coordinate of unit u: the distance to the nearest surface "Mᵀv = 0 for some unit v", i.e. to the
+  nearest rank-deficient configuration.
+
+``params`` is a core slice spec ``{name: (dim, [indices])}`` over ``named_parameters()`` names;
+``buffers`` the same over buffers (BatchNorm running statistics) that move with the units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core import Mirror
+
+KINDS = ("permutation", "sign_flip", "rescale", "scale", "bn_scale", "rotation")
+ROTATION_MIRROR_LIMIT = 20_000_000  # entries of the dense O per sampled rotation mirror
+
+
+@dataclass
+class Member:
+    """One tensor moved by a group: positions ``index[u]`` along ``dim`` belong to unit u.
+
+    ``role``: "source" (writes the units: scaled by d), "sink" (reads them: scaled by 1/d), "gamma"
+    (a BatchNorm weight: takes the sign of d), "running_mean" / "running_var" (adjusted as described
+    in the module docstring), "passive" (only permuted).
+    """
+
+    name: str
+    dim: int
+    index: torch.Tensor  # (n, m) long
+    role: str
+    buffer: bool = False
+    eps: float = 0.0
+
+
+@dataclass
+class SymmetryGroup:
+    """A verified, typed group acting on named parameter slices (see the module docstring)."""
+
+    kind: str
+    size: int
+    members: list[Member]
+    layers: list[str]
+    signs: bool = True  # for bn_scale: whether sign flips are included
+    # verification: max relative output change (float64, eval mode) of the check this group passed; groups
+    # are first checked together (one random element of each, composed), so it may be that joint value.
+    # SymmetryMap.verify measures each group alone.
+    error: float | None = None
+    label: str = ""
+    notes: list[str] = field(default_factory=list)
+    shapes: dict = field(default_factory=dict, repr=False)  # name -> shape of every moved tensor
+
+    # ------------------------------------------------------------------ description
+    @property
+    def params(self) -> dict[str, tuple[int, list[int]]]:
+        """The parameter slices this group moves, as a core slice spec. A tensor moved along two dims
+        (a Linear from a residual stream back into it) is listed with its first dim; see ``members``."""
+        return self._spec(buffers=False)
+
+    @property
+    def buffers(self) -> dict[str, tuple[int, list[int]]]:
+        """The buffer slices (e.g. BatchNorm running statistics) that move with the units."""
+        return self._spec(buffers=True)
+
+    def _spec(self, buffers: bool) -> dict[str, tuple[int, list[int]]]:
+        out: dict[str, tuple[int, list[int]]] = {}
+        for m in self.members:
+            if m.buffer != buffers:
+                continue
+            dim, idx = out.setdefault(m.name, (m.dim, []))
+            if dim == m.dim:
+                idx.extend(m.index.reshape(-1).tolist())
+        return {k: (d, sorted(set(i))) for k, (d, i) in out.items()}
+
+    @property
+    def num_coordinates(self) -> int:
+        """How many parameter entries the group moves (spec rows × the rest of each tensor)."""
+        return sum(
+            int(m.index.numel()) * _rest_size(m, self.shapes[m.name]) for m in self.members if not m.buffer
+        )
+
+    def __repr__(self) -> str:
+        err = "unverified" if self.error is None else f"err={self.error:.1e}"
+        return f"SymmetryGroup({self.kind}, size={self.size}, layers={self.layers}, {err})"
+
+    # ------------------------------------------------------------------ elements
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random element: a permutation (n,) long, a diagonal (n,) float64, or Q (n, n) float64."""
+        n = self.size
+        if self.kind == "permutation":
+            return torch.randperm(n, generator=generator)
+        if self.kind == "rotation":
+            return haar_orthogonal(1, n, generator)[0]
+        scale = torch.exp(0.5 * torch.randn(n, generator=generator, dtype=torch.float64))
+        sign = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        if self.kind == "sign_flip":
+            return sign
+        if self.kind == "rescale" or (self.kind == "bn_scale" and not self.signs):
+            return scale
+        return scale * sign
+
+    def apply_(self, model: nn.Module, element: torch.Tensor) -> nn.Module:
+        """Act on ``model``'s parameters and buffers in place with ``element``; returns ``model``."""
+        element = torch.as_tensor(element)
+        with torch.no_grad():
+            for m in self.members:
+                t = _tensor(model, m.name, m.buffer)
+                if self.kind == "permutation":
+                    _permute_(t, m, element)
+                elif self.kind == "rotation":
+                    _rotate_(t, m, element)
+                else:
+                    _scale_(t, m, element)
+        return model
+
+    # ------------------------------------------------------------------ mirrors and surfaces
+    def mirrors(
+        self,
+        include_buffers: bool = False,
+        count: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Mirror]:
+        """The reflections in this group as core Mirrors.
+
+        permutation: swaps of units (i, i+1) (or ``count`` random pairs); sign_flip / scale / bn_scale:
+        one sign flip per unit (``count`` first units); rescale: none (no reflection in (0, ∞)ⁿ);
+        rotation: ``count`` (default ``size``) sampled reflections I − 2vvᵀ, built densely (raises when
+        O would exceed ``ROTATION_MIRROR_LIMIT`` entries). ``include_buffers``: also move the buffers
+        (then evaluate them on ``{**named_parameters, **named_buffers}``). Groups that move one tensor
+        along two dims cannot be written as core Mirrors (a core mirror moves a tensor along one dim):
+        this raises ValueError; use ``apply_`` instead.
+        """
+        members = [m for m in self.members if include_buffers or not m.buffer]
+        if self.kind in ("sign_flip", "scale", "bn_scale"):
+            members = [m for m in members if m.role in ("source", "sink", "gamma", "running_mean")]
+        names: dict[str, int] = {}
+        for m in members:
+            if names.setdefault(m.name, m.dim) != m.dim:
+                raise ValueError(
+                    f"{self.label or self.kind}: {m.name!r} moves along dims {names[m.name]} and {m.dim}; a "
+                    "core Mirror moves a tensor along one dim only, so this group has no Mirror form. "
+                    "Use g.apply_(model, g.random_element()) instead."
+                )
+        if self.kind == "rescale" or (self.kind == "bn_scale" and not self.signs):
+            return []
+        if self.kind == "permutation":
+            n = self.size
+            if count is None:
+                pairs = [(i, i + 1) for i in range(n - 1)]
+            else:
+                pairs = []
+                for _ in range(count):
+                    i, j = torch.randperm(n, generator=generator)[:2].tolist()
+                    pairs.append((i, j))
+            return [Mirror.swap(_unit_spec(members, i), _unit_spec(members, j)) for i, j in pairs]
+        if self.kind == "rotation":
+            return self._rotation_mirrors(members, count or self.size, generator)
+        units = range(self.size if count is None else min(count, self.size))
+        return [
+            Mirror.sign_flip(_unit_spec([m for m in members if m.role != "running_var"], u)) for u in units
+        ]
+
+    def _rotation_mirrors(self, members, count, generator) -> list[Mirror]:
+        spec = _merged_spec(members, range(self.size))
+        coords_per_unit = sum(_rest_size(m, self.shapes[m.name]) * m.index.shape[1] for m in members)
+        if self.size * coords_per_unit**2 > ROTATION_MIRROR_LIMIT:
+            raise ValueError(
+                f"{self.label}: a rotation mirror over {self.size} units × {coords_per_unit} coordinates "
+                f"needs a dense O of {self.size * coords_per_unit**2:.2e} entries "
+                f"(> {ROTATION_MIRROR_LIMIT:.0e}); use g.apply_ with a reflection element I − 2vvᵀ instead"
+            )
+        out = []
+        for _ in range(count):
+            v = torch.randn(self.size, generator=generator, dtype=torch.float64)
+            out.append(Mirror.from_basis(_rotation_basis(members, self.shapes, v / v.norm()), spec))
+        return out
+
+    def reflection(self, v: torch.Tensor, include_buffers: bool = False) -> Mirror:
+        """Rotation groups: the core Mirror of the reflection I − 2vvᵀ/‖v‖² on the unit index (its
+        surface: every member's component along v is zero, e.g. W_Aᵀv = 0 and W_B v = 0)."""
+        if self.kind != "rotation":
+            raise ValueError(f"reflection(v) is for rotation groups; {self.label} is a {self.kind} group")
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        if v.shape[0] != self.size:
+            raise ValueError(f"v has {v.shape[0]} entries; this group acts on {self.size} units")
+        members = [m for m in self.members if include_buffers or not m.buffer]
+        return Mirror.from_basis(
+            _rotation_basis(members, self.shapes, v / v.norm()), _merged_spec(members, range(self.size))
+        )
+
+    def unit_matrix(self, model: nn.Module) -> torch.Tensor:
+        """(size, F) float64: row u stacks every parameter coordinate of unit u (buffers excluded)."""
+        rows = []
+        for m in self.members:
+            if m.buffer or (
+                self.kind in ("sign_flip", "scale", "rescale", "bn_scale") and m.role == "passive"
+            ):
+                continue
+            t = _tensor(model, m.name, False).detach().double()
+            sub = t.index_select(m.dim, m.index.reshape(-1).to(t.device)).movedim(m.dim, 0)
+            rows.append(sub.reshape(self.size, -1).cpu())
+        return torch.cat(rows, dim=1)
+
+    def distance(self, model: nn.Module) -> float:
+        """Euclidean distance of the current parameters to the nearest symmetric surface of this group
+        (see the module docstring for each kind)."""
+        M = self.unit_matrix(model)
+        if self.kind == "permutation":
+            d = torch.cdist(M, M)
+            d.fill_diagonal_(float("inf"))
+            return float(d.min()) / math.sqrt(2.0)
+        if self.kind == "rotation":
+            if M.shape[1] < M.shape[0]:
+                return 0.0
+            return float(torch.linalg.svdvals(M)[-1])
+        return float(M.norm(dim=1).min())
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "size": self.size,
+            "layers": self.layers,
+            "params": {k: [d, i] for k, (d, i) in self.params.items()},
+            "buffers": {k: [d, i] for k, (d, i) in self.buffers.items()},
+            "verification_error": self.error,
+            "notes": self.notes,
+        }
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+def _tensor(model: nn.Module, name: str, buffer: bool) -> torch.Tensor:
+    try:
+        return model.get_buffer(name) if buffer else model.get_parameter(name)
+    except AttributeError as exc:
+        raise KeyError(
+            f"the group moves {name!r}, which this model does not have; apply a group only to "
+            "the model it was found on (or a copy of it)"
+        ) from exc
+
+
+def _units_view(t: torch.Tensor, m: Member) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, m, ...) view-or-copy of the member's slices with the unit index first, and the flat index
+    (None when the member is the whole dim in unit order, so the tensor can be written in place)."""
+    n, k = m.index.shape
+    flat = m.index.reshape(-1).to(t.device)
+    if k == 1 and n == t.shape[m.dim] and torch.equal(m.index[:, 0], torch.arange(n)):
+        return t.movedim(m.dim, 0).unsqueeze(1), None
+    sub = t.index_select(m.dim, flat).movedim(m.dim, 0)
+    return sub.reshape(n, k, *sub.shape[1:]), flat
+
+
+def _write(t: torch.Tensor, m: Member, flat: torch.Tensor | None, new: torch.Tensor) -> None:
+    """Write (n, m, ...) unit-major values back into the member's slices."""
+    new = new.reshape(-1, *new.shape[2:]).movedim(0, m.dim)
+    if flat is None:
+        t.copy_(new)
+    else:
+        t.index_copy_(m.dim, flat, new)
+
+
+def _along(t: torch.Tensor, dim: int, v: torch.Tensor) -> torch.Tensor:
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return v.reshape(shape)
+
+
+def _permute_(t: torch.Tensor, m: Member, perm: torch.Tensor) -> None:
+    perm = perm.to(t.device)
+    idx = m.index.to(t.device)
+    moved = t.index_select(m.dim, idx[perm].reshape(-1))
+    if _is_whole(t, m, idx.reshape(-1)):
+        t.copy_(moved)
+    else:
+        t.index_copy_(m.dim, idx.reshape(-1), moved)
+
+
+def _rotate_(t: torch.Tensor, m: Member, q: torch.Tensor) -> None:
+    q = q.to(device=t.device, dtype=t.dtype)
+    sub, flat = _units_view(t, m)
+    _write(t, m, flat, (q @ sub.reshape(sub.shape[0], -1)).reshape(sub.shape))
+
+
+def haar_orthogonal(count: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` Haar-distributed orthogonal (n, n) float64 matrices (QR of Gaussians, signs fixed)."""
+    a = torch.randn(count, n, n, generator=generator, dtype=torch.float64)
+    q, r = np.linalg.qr(a.numpy())  # numpy's batched LAPACK QR: far faster than torch's on small CPU matrices
+    q, r = torch.from_numpy(q), torch.from_numpy(r)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def random_elements(groups: list[SymmetryGroup], generator: torch.Generator | None = None) -> list:
+    """One random element per group, drawing the rotations of each size in one batched QR."""
+    out: list = [None] * len(groups)
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g.kind == "rotation":
+            by_size.setdefault(g.size, []).append(i)
+        else:
+            out[i] = g.random_element(generator=generator)
+    for n, idx in sorted(by_size.items()):
+        for i, q in zip(idx, haar_orthogonal(len(idx), n, generator), strict=True):
+            out[i] = q
+    return out
+
+
+def _scale_(t: torch.Tensor, m: Member, d: torch.Tensor) -> None:
+    """Per-unit scaling by role (see Member); every position of unit u gets unit u's factor."""
+    if m.role == "passive":
+        return
+    d = d.to(device=t.device, dtype=t.dtype).repeat_interleave(m.index.shape[1])
+    flat = m.index.reshape(-1).to(t.device)
+    whole = _is_whole(t, m, flat)
+    sub = t if whole else t.index_select(m.dim, flat)
+    if m.role == "running_var":
+        new = _along(t, m.dim, d * d) * (sub + m.eps) - m.eps
+    else:
+        factor = {"source": d, "sink": 1.0 / d, "gamma": torch.sign(d), "running_mean": d}[m.role]
+        if whole:
+            t.mul_(_along(t, m.dim, factor))
+            return
+        new = sub * _along(t, m.dim, factor)
+    if whole:
+        t.copy_(new)
+    else:
+        t.index_copy_(m.dim, flat, new)
+
+
+def _is_whole(t: torch.Tensor, m: Member, flat: torch.Tensor) -> bool:
+    """The member covers the whole dim in position order (so it can be updated in place)."""
+    n = t.shape[m.dim]
+    return flat.numel() == n and torch.equal(flat, torch.arange(n, device=flat.device))
+
+
+# ---------------------------------------------------------------------------- mirror helpers
+
+
+def _unit_spec(members: list[Member], u: int) -> dict:
+    return _merged_spec(members, [u])
+
+
+def _merged_spec(members: list[Member], units) -> dict:
+    spec: dict[str, tuple[int, list[int]]] = {}
+    for m in members:
+        entry = spec.setdefault(m.name, (m.dim, []))
+        for u in units:
+            entry[1].extend(m.index[u].tolist())
+    return spec
+
+
+def _rest_size(m: Member, shape) -> int:
+    return math.prod(n for d, n in enumerate(shape) if d != m.dim)
+
+
+def _rotation_basis(members: list[Member], shapes: dict, v: torch.Tensor) -> torch.Tensor:
+    """Dense O (n_coords, F) for the reflection I − 2vvᵀ on the unit index, in the spec's coordinate
+    order (per tensor: index_select along dim of all units' indices, flattened row-major)."""
+    spec = _merged_spec(members, range(v.shape[0]))
+    blocks = []
+    offset_cols = 0
+    total_cols = 0
+    layout = []
+    for name, (dim, idx) in spec.items():
+        shape = list(shapes[name])
+        rest = math.prod(n for d, n in enumerate(shape) if d != dim)
+        layout.append((name, dim, idx, shape, rest))
+        ms = [m for m in members if m.name == name]
+        total_cols += rest * sum(m.index.shape[1] for m in ms)
+    for name, dim, idx, shape, _rest in layout:
+        ms = [m for m in members if m.name == name]
+        pos = {p: k for k, p in enumerate(idx)}
+        sub_shape = list(shape)
+        sub_shape[dim] = len(idx)
+        n_coords = math.prod(sub_shape)
+        coord = torch.arange(n_coords).reshape(sub_shape).movedim(dim, 0)  # (len(idx), rest...)
+        coord = coord.reshape(len(idx), -1)
+        O = torch.zeros(n_coords, total_cols, dtype=torch.float64)
+        for m in ms:
+            for j in range(m.index.shape[1]):
+                rows = coord[[pos[int(p)] for p in m.index[:, j]]]  # (n, rest)
+                cols = torch.arange(rows.shape[1]) + offset_cols
+                O[rows, cols.expand_as(rows)] = v[:, None].expand_as(rows)
+                offset_cols += rows.shape[1]
+        blocks.append(O)
+    return torch.cat(blocks, dim=0)

@@ -1,0 +1,102 @@
+"""SymmetryMap: the verified groups of one model, as rows of a table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..core.mirror import _flatten_outputs
+from .groups import SymmetryGroup
+
+
+def output_change(before, after) -> float:
+    """max over outputs of max|after − before| / max|before| (the convention of core.check_invariance)."""
+    ys0, ys1 = _flatten_outputs(before), _flatten_outputs(after)
+    worst = 0.0
+    for y0, y1 in zip(ys0, ys1, strict=True):
+        if not y0.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(y0, y1) else float("inf"))
+            continue
+        scale = max(float(y0.abs().max()) if y0.numel() else 0.0, torch.finfo(y0.dtype).tiny)
+        diff = float((y1 - y0).abs().max()) if y0.numel() else 0.0
+        worst = max(worst, diff / scale)
+    return worst
+
+
+@dataclass
+class SymmetryMap:
+    """The typed, verified symmetry groups of a model (``groups``) and the ops the detector could not
+    read (``unknown_ops``: op name -> module paths; nothing crosses them)."""
+
+    groups: list[SymmetryGroup]
+    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[SymmetryGroup]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> SymmetryGroup:
+        return self.groups[i]
+
+    def by_kind(self, kind: str) -> list[SymmetryGroup]:
+        return [g for g in self.groups if g.kind == kind]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for g in self.groups:
+            out[g.kind] = out.get(g.kind, 0) + 1
+        return out
+
+    def verify(self, model: nn.Module, example_inputs, seed: int = 0) -> pd.DataFrame:
+        """One row per group: the max relative output change after one random element (generator
+        seeded with ``seed``), applied to a float64 eval-mode copy of ``model`` (``model`` is untouched)."""
+        from .find import float64_eval_copy, restored, to_float64
+
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        base = float64_eval_copy(model)
+        xs = to_float64(inputs)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            y0 = base(*xs)
+        rows = []
+        for g in self.groups:
+            with restored(base, [g]):
+                g.apply_(base, g.random_element(generator=gen))
+                with torch.no_grad():
+                    err = output_change(y0, base(*xs))
+            rows.append({"group": g.label, "kind": g.kind, "size": g.size, "max_rel_change": err})
+        return pd.DataFrame(rows, columns=["group", "kind", "size", "max_rel_change"])
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per group: label, kind, size, layers, tensors moved, coordinates moved, error."""
+        rows = [
+            {
+                "group": g.label,
+                "kind": g.kind,
+                "size": g.size,
+                "layers": ", ".join(g.layers),
+                "tensors": ", ".join(g.params),
+                "coordinates": g.num_coordinates,
+                "verification_error": g.error,
+                "notes": "; ".join(g.notes),
+            }
+            for g in self.groups
+        ]
+        cols = ["group", "kind", "size", "layers", "tensors", "coordinates", "verification_error", "notes"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(
+            {"groups": [g.to_dict() for g in self.groups], "unknown_ops": self.unknown_ops}, indent=indent
+        )
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        return f"{len(self.groups)} symmetry groups ({counts or 'none'})"

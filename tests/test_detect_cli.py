@@ -1,0 +1,52 @@
+"""`mirrorsym scan`: built-in examples, factory paths, saved files, JSON output, clear errors."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from mirrorsym.cli import app
+from mirrorsym.detect.examples import mlp
+
+runner = CliRunner()
+
+
+def make_tanh_mlp():
+    torch.manual_seed(0)
+    return mlp(torch.nn.Tanh, sizes=(5, 7, 3))
+
+
+def test_scan_builtin_example_table():
+    result = runner.invoke(app, ["scan", "mlp-tanh"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "permutation" in result.output and "sign_flip" in result.output
+    assert "Total: 4 symmetry groups (2 permutation, 2 sign_flip)" in result.output
+
+
+def test_scan_factory_path_json():
+    result = runner.invoke(
+        app, ["scan", "tests.test_detect_cli:make_tanh_mlp", "--input-shape", "2,5", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert sorted(g["kind"] for g in data["groups"]) == ["permutation", "sign_flip"]
+    assert all(g["size"] == 7 for g in data["groups"])
+
+
+def test_scan_saved_model_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(make_tanh_mlp(), path)
+    result = runner.invoke(app, ["scan", str(path), "--input-shape", "2,5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["groups"]) == 2
+
+
+def test_scan_errors_are_clear(tmp_path):
+    result = runner.invoke(app, ["scan", "tests.test_detect_cli:make_tanh_mlp"])
+    assert result.exit_code == 2 and "--input-shape" in result.output
+    path = tmp_path / "state.pt"
+    torch.save(make_tanh_mlp().state_dict(), path)
+    result = runner.invoke(app, ["scan", str(path), "--input-shape", "2,5"])
+    assert result.exit_code == 2 and "state_dict" in result.output
+    result = runner.invoke(app, ["scan", "mlp-tanh", "--input-shape", "two"])
+    assert result.exit_code == 2 and "comma-separated" in result.output

@@ -111,14 +111,15 @@ def _dense_projected(loss, p, m):
 
     def unflat(v):
         out, i = {}, 0
-        for k, s in zip(names, sizes):
+        for k, s in zip(names, sizes, strict=True):
             out[k] = v[i : i + s].reshape(p[k].shape)
             i += s
         return out
 
     H = torch.autograd.functional.hessian(lambda v: loss(unflat(v)), flat)
     k = m.dim(p)
-    O = torch.stack([torch.cat([t.reshape(-1) for t in m.direction(e, p).values()]) for e in torch.eye(k, dtype=p[names[0]].dtype)], 1)
+    eye = torch.eye(k, dtype=p[names[0]].dtype)
+    O = torch.stack([torch.cat([t.reshape(-1) for t in m.direction(e, p).values()]) for e in eye], 1)
     return torch.linalg.eigvalsh(O.T @ H @ O)[0].item()
 
 

@@ -115,8 +115,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     lr_control = cfg.sgd_lrs[1]
     control = regress(X, Y, cfg.control_gamma, [lr_control], cfg.n, 2 * cfg.sgd_steps, gen, residual=True)
     plain = regress(X, Y, cfg.control_gamma, [lr_control], cfg.n, 2 * cfg.sgd_steps, gen, residual=False)
-    return {"spectrum": list(cfg.spectrum), "sgd_spectrum": list(cfg.sgd_spectrum), "gammas": list(cfg.gammas), "svals": _svals(A),
-            "sgd_lrs": list(cfg.sgd_lrs), "noise": noise, "residual_svals": _svals(control)[0],
+    return {"spectrum": list(cfg.spectrum), "sgd_spectrum": list(cfg.sgd_spectrum), "gammas": list(cfg.gammas),
+            "svals": _svals(A), "sgd_lrs": list(cfg.sgd_lrs), "noise": noise, "residual_svals": _svals(control)[0],
             "plain_svals": _svals(plain)[0]}
 
 

@@ -150,7 +150,8 @@ def run(cfg: Config, ctx: Context) -> dict:
                       "diverged": (rows["status"] == "diverged").tolist()})
     lasso_at_sgd_gamma = lasso_path(X.numpy(), y.numpy(), alphas=np.array([cfg.sgd_gamma]), tol=1e-12,
                                     max_iter=100000)[1][:, 0]
-    return {"gammas": list(cfg.gammas), "sgd_lrs": list(cfg.sgd_lrs), "beta": beta.tolist(), "sklearn": sk.tolist(), "predicted": predicted,
+    return {"gammas": list(cfg.gammas), "sgd_lrs": list(cfg.sgd_lrs), "beta": beta.tolist(), "sklearn": sk.tolist(),
+            "predicted": predicted,
             "noise": noise, "lasso_zero_fraction": float(np.mean(np.abs(lasso_at_sgd_gamma) < cfg.zero_tol))}
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from .base import Claim, Context
 from .plotting import figure, save
@@ -94,6 +95,27 @@ def regress(X, Y, gamma: float, lrs, batch: int, steps: int, gen, residual: bool
     return U @ (W + eye) if residual else U @ W
 
 
+class Factorised(nn.Module):
+    """x ↦ U(Wx) or, with ``residual``, x ↦ U(Wx + x): the two models of Parts 2–3 as nn.Modules."""
+
+    def __init__(self, m: int, residual: bool):
+        super().__init__()
+        self.W, self.U, self.residual = nn.Linear(m, m, bias=False), nn.Linear(m, m, bias=False), residual
+
+    def forward(self, x):
+        h = self.W(x)
+        return self.U(h + x if self.residual else h)
+
+
+def detected_rotations(m: int, residual: bool) -> int:
+    """Rotation groups that ``ms.find_symmetries`` reports (each one verified numerically)."""
+    from ..detect import find_symmetries
+
+    torch.manual_seed(0)
+    smap = find_symmetries(Factorised(m, residual), torch.randn(4, m))
+    return sum(g.kind == "rotation" for g in smap.groups)
+
+
 def _svals(A: torch.Tensor) -> list:
     finite = torch.isfinite(A).flatten(1).all(1)
     sv = torch.linalg.svdvals(torch.where(finite[:, None, None], A, torch.zeros_like(A)))
@@ -117,7 +139,8 @@ def run(cfg: Config, ctx: Context) -> dict:
     plain = regress(X, Y, cfg.control_gamma, [lr_control], cfg.n, 2 * cfg.sgd_steps, gen, residual=False)
     return {"spectrum": list(cfg.spectrum), "sgd_spectrum": list(cfg.sgd_spectrum), "gammas": list(cfg.gammas),
             "svals": _svals(A), "sgd_lrs": list(cfg.sgd_lrs), "noise": noise, "residual_svals": _svals(control)[0],
-            "plain_svals": _svals(plain)[0]}
+            "plain_svals": _svals(plain)[0],
+            "rotations_detected": {"plain": detected_rotations(m, False), "residual": detected_rotations(m, True)}}
 
 
 def _rank(sv, tol) -> int | None:
@@ -183,4 +206,8 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     out.append(Claim(f"residual path U(Wx + x) stays full rank where plain UW drops rank (γ={cfg.control_gamma})",
                      f"residual {m}, plain < {m}", f"residual {res_rank}, plain {plain_rank}",
                      res_rank == m and plain_rank < m))
+    det = results["rotations_detected"]
+    out.append(Claim("ms.find_symmetries reports the rotation of U(Wx) and none for U(Wx + x)",
+                     "plain 1, residual 0", f"plain {det['plain']}, residual {det['residual']}",
+                     det["plain"] == 1 and det["residual"] == 0))
     return out

@@ -2,12 +2,15 @@
 
 Each experiment writes into ``OUT/<name>/``: ``results.json`` (with the config it was run with) and its
 figures. A rerun with the same config loads the stored results instead of recomputing (``fresh=True``
-recomputes), so an interrupted reproduction resumes where it stopped. An experiment that raises is
+recomputes; so does a change to the experiment's source), so an interrupted reproduction resumes where
+it stopped. An experiment that raises is
 recorded as a failed claim and the others still run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import sys
@@ -43,12 +46,17 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file
 
 
+def _source_hash(module) -> str:
+    """Changing an experiment's code invalidates its stored results, like changing its config."""
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+
+
 def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict:
     """Run (or load) one experiment; returns {results, claims, figures, seconds, cached, error}."""
     cfg = module.CONFIGS[size]
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     store = ctx.out_dir / "results.json"
-    key = config_key(cfg)
+    key = config_key(cfg) + "|code " + _source_hash(module)
     cached = None
     if store.exists() and not fresh:
         saved = json.loads(store.read_text())

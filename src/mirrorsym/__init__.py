@@ -5,9 +5,15 @@ weight decay is L + γ‖θ‖², i.e. torch ``weight_decay = 2γ`` (coupled); a
 surface Oᵀθ = 0.
 """
 
-from . import core, theory
+# diagnose is a callable module: ms.diagnose(model, ...)
+from . import constrain, core, detect, diagnose, sweep, theory
+from .constrain import remove_symmetries
 from .core import Mirror, check_invariance
+from .detect import SymmetryMap, find_symmetries
+from .diagnose import DiagnoseReport, SymmetryMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["Mirror", "__version__", "check_invariance", "core", "theory"]
+__all__ = ["DiagnoseReport", "Mirror", "SymmetryMap", "SymmetryMonitor", "__version__", "check_invariance",
+           "constrain", "core", "detect", "diagnose", "find_symmetries", "remove_symmetries", "sweep",
+           "theory"]

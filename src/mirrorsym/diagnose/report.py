@@ -1,0 +1,519 @@
+"""``diagnose``: read a model through its SymmetryMap and report how collapsed it is (THEORY.md §7).
+
+Weights only (always), one row per symmetry group:
+
+* ``units``: k, the number of units the group acts on (neurons, channels, head dimensions);
+* ``dead``: units whose parameters (incoming, bias, outgoing: every coordinate of the group's slices)
+  are zero within a relative tolerance, ‖u‖ ≤ rtol·max‖u‖ (:func:`metrics.dead_units`);
+* ``distinct``: clusters of identical units, single linkage with ‖u − v‖ ≤ rtol·max(‖u‖, ‖v‖)
+  (:func:`metrics.unit_clusters`; exactly-zero units form one cluster). ``rtol`` defaults to √eps of
+  the parameters' dtype (3.5e-4 float32, 1.5e-8 float64);
+* ``distance``: to the nearest symmetric surface of the group, as ``SymmetryGroup.distance`` defines it:
+  permutation min_{u≠v}‖u − v‖/√2 (from the clustering's Gram matrix, closest pairs re-measured
+  exactly), rotation σ_min of the unit matrix (via QR), other kinds the group's own ``distance(model)``;
+* ``eff_rank, approx_rank, srank, stable_rank, num_rank``: for rotation groups, of the invariant
+  product of the group's two factors (units.py: W_Qᵀ W_K per head, W_O W_V per head, U W for
+  linear→linear); NaN where they do not apply (other kinds, or a rotation group without exactly two
+  factors). ``dead``/``distinct`` are NaN for rotation groups: single units are not rotation-invariant.
+
+With probe ``data``: per probed layer, dead (never active) and dormant (active on < 1 % of inputs) units,
+the ReDO τ-dormant count and the representation's effective rank; neural collapse NC1–NC4 at the
+classifier's input; the embedding covariance spectrum; optional per-latent KL / active units from given
+encoder means and log-variances. See probe.py for the data forms and for train/eval mode handling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import metrics as M
+from . import probe
+from .units import (
+    factors,
+    group_slices,
+    member_factors,
+    min_singular_value,
+    num_units,
+    product_spectrum,
+    rotation_surface_distance,
+    sign_surface_distance,
+    swap_surface_distance,
+    unit_matrix,
+)
+
+RANK_COLUMNS = ("eff_rank", "approx_rank", "srank", "stable_rank", "num_rank")
+GROUP_COLUMNS = ("group", "kind", "layer", "units", "dead", "distinct", "distance", *RANK_COLUMNS)
+#: Heat maps are drawn for at most this many groups, each on at most this many units.
+MAX_HEATMAPS, MAX_HEATMAP_UNITS = 4, 256
+
+
+@dataclass
+class DiagnoseReport:
+    """What :func:`diagnose` found. ``to_pandas()`` is the per-group table; the probe results are in
+    ``activations`` (DataFrame per layer), ``neural_collapse`` (dict), ``embedding_spectrum`` (numpy),
+    ``posterior`` (DataFrame per latent); ``meta`` says how they were computed."""
+
+    groups: pd.DataFrame
+    activations: pd.DataFrame | None = None
+    neural_collapse: dict[str, float] | None = None
+    embedding_spectrum: np.ndarray | None = None
+    posterior: pd.DataFrame | None = None
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    correlations: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per symmetry group (columns: see the module docstring)."""
+        return self.groups.copy()
+
+    def summary(self) -> str:
+        from .summary import summarize
+
+        return summarize(self)
+
+    def plot(self, out: str | Path) -> list[Path]:
+        """Write PNG figures to directory ``out`` (created); return their paths."""
+        from .plots import plot_report
+
+        return plot_report(self, Path(out))
+
+    def __repr__(self) -> str:
+        return f"DiagnoseReport({len(self.groups)} groups)\n{self.summary()}"
+
+
+# -------------------------------------------------------------------------------------------- groups
+def _groups_of(symmetries) -> list:
+    groups = getattr(symmetries, "groups", symmetries)
+    if not isinstance(groups, Sequence):
+        groups = list(groups)
+    for i, g in enumerate(groups):
+        for attr in ("kind", "params"):
+            if not hasattr(g, attr):
+                raise TypeError(
+                    f"symmetry group {i} ({type(g).__name__}) has no .{attr}; pass the SymmetryMap "
+                    "returned by ms.find_symmetries(model, example_inputs)"
+                )
+    return list(groups)
+
+
+def _module_of(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+def _layer_of(group, slices) -> str:
+    """``group.layer``, else ``group.layers`` joined (the first + how many more beyond three), else the
+    module of the first slice."""
+    layer = getattr(group, "layer", None)
+    if layer:
+        return str(layer)
+    layers = getattr(group, "layers", None)
+    if layers:
+        layers = list(layers)
+        return ",".join(map(str, layers)) if len(layers) <= 3 else f"{layers[0]} (+{len(layers) - 1})"
+    return _module_of(slices[0].name)
+
+
+def _group_name(i: int, group, kind: str, layer: str) -> str:
+    for attr in ("name", "label"):
+        name = getattr(group, attr, None)
+        if name:
+            return str(name)
+    return f"{i}:{kind}:{layer}"
+
+
+def _unit_hint(group) -> int | None:
+    """The group's own unit count (``.units`` or an int ``.size``), used where it divides the slices."""
+    for attr in ("units", "size"):
+        value = getattr(group, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _scalar(x) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().double().cpu().reshape(-1)[0]) if x.numel() else math.nan
+    return float(x)
+
+
+def _group_units(group, model, params, slices, k) -> torch.Tensor:
+    """(k, F) unit matrix: the group's own ``unit_matrix(model)`` when it has one, else from its spec."""
+    fn = getattr(group, "unit_matrix", None)
+    return fn(model) if callable(fn) else unit_matrix(params, slices, k)
+
+
+def _group_factors(group, params, slices, k) -> dict[str, torch.Tensor]:
+    members = getattr(group, "members", None)
+    return member_factors(members, params) if members is not None else factors(params, slices, k)
+
+
+def _distance(group, model, params, slices, kind, units, k) -> float:
+    fn = getattr(group, "distance", None)
+    if callable(fn):
+        return _scalar(fn(model))
+    if kind == "rotation":
+        return _scalar(rotation_surface_distance(params, slices, k))
+    if kind == "permutation":
+        return _scalar(swap_surface_distance(units))
+    if kind == "sign_flip":
+        return _scalar(sign_surface_distance(units))
+    return math.nan
+
+
+def _clusters_cached(cache: list, units: torch.Tensor, tol: float):
+    """(labels, min pair distance, dead count); groups over the very same units (a layer's permutation
+    and rescale groups) reuse the last two results instead of recomputing the n×n Gram matrix."""
+    for u, t, result in cache:
+        if t == tol and u.shape == units.shape and u.dtype == units.dtype and torch.equal(u, units):
+            return result
+    labels, closest = M.cluster_units(units, tol)
+    result = (labels, closest, int(M.dead_units(units, tol).sum()))
+    cache.append((units, tol, result))
+    del cache[:-2]
+    return result
+
+
+def _plot_units(units: torch.Tensor) -> torch.Tensor:
+    """At most MAX_HEATMAP_UNITS evenly spaced units (rows), float64 on the CPU, for the figures."""
+    n = units.shape[0]
+    keep = np.unique(np.linspace(0, n - 1, min(n, MAX_HEATMAP_UNITS)).round().astype(int))
+    return units.detach().double().cpu()[torch.as_tensor(keep)]
+
+
+def _correlation(units: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Pearson correlation of unit vectors, units ordered by average-linkage leaves (identical units,
+    distance 0, end up adjacent, so clusters show as blocks); dead units correlate 0."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    U = _plot_units(units)
+    keep = U.shape[0]
+    U = U - U.mean(1, keepdim=True)
+    norm = torch.linalg.vector_norm(U, dim=1, keepdim=True)
+    Z = torch.where(norm > 0, U / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(U))
+    corr = (Z @ Z.T).clamp(-1, 1).numpy()
+    if keep > 2:
+        dist = np.clip(1.0 - corr, 0, 2)
+        np.fill_diagonal(dist, 0)
+        order = leaves_list(linkage(squareform((dist + dist.T) / 2, checks=False), method="average"))
+        corr = corr[np.ix_(order, order)]
+    return corr
+
+
+def _group_row(i: int, group, model, params, rtol, cache) -> tuple[dict, np.ndarray | None, tuple | None]:
+    """One table row; also the spectrum to plot (rotation groups) and the heat-map candidate (others)."""
+    slices = group_slices(group.params)
+    kind = str(group.kind)
+    layer = _layer_of(group, slices)
+    k = num_units(slices, _unit_hint(group))
+    row = dict.fromkeys(GROUP_COLUMNS, math.nan)
+    row.update(group=_group_name(i, group, kind, layer), kind=kind, layer=layer, units=k)
+    if kind == "rotation":  # distance: σ_min of the unit matrix (SymmetryGroup.distance's definition)
+        spec = product_spectrum(_group_factors(group, params, slices, k))
+        row["distance"] = _scalar(min_singular_value(_group_units(group, model, params, slices, k)))
+        if spec is None:
+            return row, None, None
+        sv, shape = spec
+        row.update({c: _scalar(v) for c, v in M.rank_metrics(sv=sv, shape=shape).items()})
+        return row, sv.double().cpu().numpy(), None
+    units = _group_units(group, model, params, slices, k)
+    tol = M.default_unit_rtol(params[slices[0].name].dtype) if rtol is None else rtol
+    labels, closest, dead = _clusters_cached(cache, units, tol)
+    row["dead"], row["distinct"] = dead, int(labels.max()) + 1 if labels.size else 0
+    if kind == "permutation":  # min pair distance / √2 (SymmetryGroup.distance's definition), exact
+        row["distance"] = _scalar(closest) / math.sqrt(2.0)
+    else:
+        row["distance"] = _distance(group, model, params, slices, kind, units, k)
+    candidate = (row["distinct"] / max(k, 1), -row["dead"], i, row["group"], units, labels)
+    return row, None, candidate
+
+
+@contextmanager
+def _progress(show: bool, total: int):
+    """A callable that advances a transient rich progress bar (a no-op when ``show`` is False)."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("diagnosing symmetry groups", total=total)
+        yield lambda: bar.advance(task)
+
+
+def group_table(
+    model: nn.Module, symmetries, rtol: float | None = None, keep_plots: bool = True, progress: bool = False
+):
+    """The weights-only per-group table plus plot data (spectra, correlations); ``progress`` shows a
+    rich progress bar over the groups."""
+    params = dict(model.named_parameters())
+    rows, spectra, candidates, cache = [], {}, [], []
+    groups = _groups_of(symmetries)
+    with _progress(progress, len(groups)) as advance:
+        for i, group in enumerate(groups):
+            row, spectrum, candidate = _group_row(i, group, model, params, rtol, cache)
+            rows.append(row)
+            if spectrum is not None:
+                spectra[row["group"]] = spectrum
+            if keep_plots and candidate is not None:  # hold only the few unit matrices a heat map needs
+                candidates = sorted([*candidates, candidate], key=lambda c: c[:3])[:MAX_HEATMAPS]
+            advance()
+    correlations = {}
+    for *_, name, units, labels in candidates:
+        correlations[name] = _correlation(units, labels)
+        # the plotted unit spectrum uses the same (at most MAX_HEATMAP_UNITS) units as the heat map
+        spectra.setdefault(name, M.singular_values(_plot_units(units)).numpy())
+    table = pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
+    return table, spectra, correlations
+
+
+# --------------------------------------------------------------------------------------------- probe
+def _classifier(model: nn.Module, name: str | None, modules) -> tuple[str | None, nn.Module | None]:
+    """The named classifier, or by default the last nn.Linear (none: no NC metrics, no error)."""
+    if name is not None:
+        return name, probe.get_module(model, name, modules)
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else (None, None)
+
+
+def _activation_table(stats: Mapping[str, probe.LayerStats], redo_tau: float) -> pd.DataFrame:
+    rows = []
+    for name, st in stats.items():
+        frac = st.active / st.rows
+        mean_abs = st.abs_sum / st.rows
+        layer_mean = mean_abs.mean()
+        score = mean_abs / torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
+        eff = M.effective_rank_from_gram(st.gram) if st.gram is not None else torch.tensor(math.nan)
+        rows.append(
+            {
+                "layer": name,
+                "units": int(frac.numel()),
+                "rows": st.rows,
+                "dead": int((frac == 0).sum()),
+                "dormant": int((frac < M.DORMANT_FRACTION).sum()),
+                "redo_dormant": int((score <= redo_tau).sum()),
+                "eff_rank": _scalar(eff),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["layer", "units", "rows", "dead", "dormant", "redo_dormant", "eff_rank"]
+    )
+
+
+def _nc_metrics(features: torch.Tensor, labels: torch.Tensor, clf: nn.Module) -> dict[str, float]:
+    present = torch.unique(labels)
+    weight = getattr(clf, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(
+            f"the classifier {type(clf).__name__} has no 2-D .weight; NC3/NC4 need a linear head"
+        )
+    if int(labels.max()) >= weight.shape[0] or int(labels.min()) < 0:
+        raise ValueError(
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the classifier has "
+            f"{weight.shape[0]} outputs"
+        )
+    remap = torch.full((weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+    remap[present] = torch.arange(len(present), device=labels.device)
+    bias = getattr(clf, "bias", None)
+    w, b = (
+        weight.detach()[present.to(weight.device)],
+        None if bias is None else bias.detach()[present.to(bias.device)],
+    )
+    nc = M.neural_collapse(features, remap[labels], w, b) if len(present) > 1 else {}
+    return {k: _scalar(v) for k, v in nc.items()}
+
+
+def probe_data(
+    model: nn.Module,
+    example_inputs,
+    data,
+    *,
+    layers: Iterable[str] | None = None,
+    classifier: str | None = None,
+    embedding: str | None = None,
+    nc: bool = True,
+    mode: str = "eval",
+    batch_size: int = 256,
+    max_samples: int = 20000,
+    atol: float = 0.0,
+    redo_tau: float = 0.025,
+) -> dict:
+    """Run the model on ``data`` with hooks; return the activation table, NC metrics and the embedding
+    spectrum (see the module docstrings of report.py and probe.py)."""
+    modules = dict(model.named_modules())
+    probed = probe.resolve_modules(model, layers)
+    if embedding is not None:
+        probe.get_module(model, embedding, modules)
+    clf_name, clf = _classifier(model, classifier, modules) if nc or classifier else (None, None)
+    stats: dict[str, probe.LayerStats] = {}
+    calls: dict[str, int] = {}
+    feats, labels, embeds, seen = [], [], [], [0]
+
+    def act_hook(name, module):
+        def hook(_mod, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            calls[name] = calls.get(name, 0) + 1  # a module reused in one forward is probed per call
+            key = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            if key not in stats:
+                stats[key] = probe.LayerStats(channel_first=probe.channel_first(module, out))
+            stats[key].update(out, atol)
+
+        return hook
+
+    def clf_hook(_mod, args):
+        if seen[0] < max_samples and args and isinstance(args[0], torch.Tensor):
+            feats.append(args[0].detach().reshape(args[0].shape[0], -1).double())
+
+    def emb_hook(_mod, _inp, out):
+        if seen[0] < max_samples and isinstance(out, torch.Tensor):
+            embeds.append(out.detach().reshape(out.shape[0], -1).double())
+
+    handles = [m.register_forward_hook(act_hook(n, m)) for n, m in probed.items()]
+    if clf is not None:
+        handles.append(clf.register_forward_pre_hook(clf_hook))
+    if embedding is not None:
+        handles.append(modules[embedding].register_forward_hook(emb_hook))
+    ref = next(model.parameters(), None)
+    device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), None)
+    batches = 0
+    try:
+        with probe.probe_mode(model, mode):
+            for args, y in probe.iter_batches(data, batch_size):
+                args = probe.to_device(args, device, dtype)
+                calls.clear()
+                probe.run_model(model, args, example_inputs)
+                if y is not None and seen[0] < max_samples:
+                    labels.append(torch.as_tensor(y).reshape(-1).long().to(device))
+                seen[0] += probe.batch_rows(args)
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if batches == 0 or seen[0] == 0:
+        raise ValueError("data yielded no samples (an empty DataLoader or tensor?); give at least one batch")
+    out = {
+        "activations": _activation_table(stats, redo_tau),
+        "rows": seen[0],
+        "mode": mode,
+        "classifier": clf_name,
+        "neural_collapse": None,
+        "embedding_spectrum": None,
+    }
+    feat = torch.cat(feats)[:max_samples] if feats else None
+    emb = torch.cat(embeds)[:max_samples] if embeds else feat
+    if feat is not None and labels and nc:
+        lab = torch.cat(labels)[:max_samples].to(feat.device)
+        if lab.shape[0] != feat.shape[0]:
+            raise ValueError(
+                f"{lab.shape[0]} labels but {feat.shape[0]} feature rows at classifier {clf_name!r}; "
+                "the classifier must run once per input"
+            )
+        out["neural_collapse"] = _nc_metrics(feat, lab, clf)
+    if emb is not None and emb.shape[0] >= 2:
+        out["embedding_spectrum"] = M.embedding_spectrum(emb).cpu().numpy()
+    return out
+
+
+def _posterior_table(posterior) -> pd.DataFrame:
+    mu, logvar = posterior
+    kl = M.gaussian_kl_per_latent(mu, logvar).cpu().numpy()
+    var = M._as_matrix(mu, "mu").double().var(0, unbiased=False).cpu().numpy()
+    return pd.DataFrame(
+        {"latent": np.arange(len(kl)), "kl": kl, "activity": var, "active": var > M.ACTIVE_LATENT_THRESHOLD}
+    )
+
+
+# ------------------------------------------------------------------------------------------- public
+def diagnose(
+    model: nn.Module,
+    example_inputs,
+    data=None,
+    *,
+    symmetries=None,
+    rtol: float | None = None,
+    layers: Iterable[str] | None = None,
+    classifier: str | None = None,
+    embedding: str | None = None,
+    nc: bool = True,
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mode: str = "eval",
+    batch_size: int = 256,
+    max_samples: int = 20000,
+    plots: bool = True,
+    progress: bool = False,
+) -> DiagnoseReport:
+    """How much of ``model`` sits on (or near) its symmetric surfaces, and where (THEORY.md §7).
+
+    Args:
+        model: the network; it is not modified (probe hooks are removed, mode flags restored).
+        example_inputs: a Tensor or tuple of Tensors, as for ``ms.find_symmetries``.
+        data: optional probe data (a Tensor, ``(x, y)`` Tensors or a DataLoader; probe.py).
+        symmetries: a precomputed SymmetryMap (or list of groups); default
+            ``ms.find_symmetries(model, example_inputs)``.
+        rtol: relative tolerance of ``dead``/``distinct`` (default √eps of the parameters' dtype).
+        layers: names of the modules whose outputs are probed (default: activation modules, else every
+            Linear/Conv). classifier: the linear head for NC1–NC4 (default: the last nn.Linear); its
+            *input* is the feature layer. embedding: module whose output gives the embedding spectrum
+            (default: the classifier's input). nc: False skips neural collapse.
+        posterior: ``(mu, logvar)`` of a Gaussian encoder, (N, D) each: per-latent KL and active units.
+        mode: ``"eval"`` (default; flags restored afterwards) or ``"current"`` for the probe pass.
+        plots: keep the data for :meth:`DiagnoseReport.plot` (spectra, correlation heat maps).
+        progress: show a rich progress bar over the groups (for large models).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"diagnose needs an nn.Module, got {type(model).__name__}")
+    if layers is not None:
+        layers = list(layers)
+        for name in layers:
+            probe.get_module(model, name)
+    for name in (classifier, embedding):
+        if name is not None:
+            probe.get_module(model, name)
+    if symmetries is None:
+        symmetries = default_symmetries(model, example_inputs)
+    table, spectra, correlations = group_table(model, symmetries, rtol, keep_plots=plots, progress=progress)
+    rep = DiagnoseReport(
+        groups=table,
+        spectra=spectra,
+        correlations=correlations,
+        meta={"rtol": rtol, "probe": data is not None},
+    )
+    if data is not None:
+        res = probe_data(
+            model,
+            example_inputs,
+            data,
+            layers=layers,
+            classifier=classifier,
+            embedding=embedding,
+            nc=nc,
+            mode=mode,
+            batch_size=batch_size,
+            max_samples=max_samples,
+        )
+        rep.activations = res["activations"]
+        rep.neural_collapse = res["neural_collapse"]
+        rep.embedding_spectrum = res["embedding_spectrum"]
+        rep.meta.update(rows=res["rows"], mode=mode, classifier=res["classifier"])
+    if posterior is not None:
+        rep.posterior = _posterior_table(posterior)
+    return rep
+
+
+def default_symmetries(model, example_inputs):
+    """``ms.find_symmetries(model, example_inputs)`` (imported here: detect is the layer below)."""
+    from ..detect import find_symmetries
+
+    return find_symmetries(model, example_inputs)

@@ -1,0 +1,81 @@
+"""The few lines a person reads first about a :class:`DiagnoseReport`."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def unit_rows(groups: pd.DataFrame) -> pd.DataFrame:
+    """Non-rotation rows, one per (layer, units) so a layer with several kinds of group counts once."""
+    rows = groups[groups["kind"] != "rotation"].dropna(subset=["dead", "distinct"])
+    return rows.drop_duplicates(subset=["layer", "units"])
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100.0 * a / b:.1f}%" if b else "n/a"
+
+
+def summarize(rep) -> str:
+    g = rep.groups
+    lines = []
+    kinds = ", ".join(f"{n} {k}" for k, n in g["kind"].value_counts().items()) or "none"
+    n_layers = g["layer"].nunique()
+    lines.append(f"{len(g)} symmetry groups over {n_layers} layer{'s' if n_layers != 1 else ''} ({kinds})")
+    units = unit_rows(g)
+    if len(units):
+        total, dead = int(units["units"].sum()), int(units["dead"].sum())
+        worst = units.assign(frac=units["dead"] / units["units"]).sort_values("frac", ascending=False).iloc[0]
+        line = f"dead units: {dead} of {total} ({_pct(dead, total)})"
+        if dead:
+            line += f"; most in {worst['layer']} ({int(worst['dead'])} of {int(worst['units'])})"
+        lines.append(line)
+        distinct = int(units["distinct"].sum())
+        ratio = units.assign(r=units["distinct"] / units["units"]).sort_values("r").iloc[0]
+        line = f"distinct units: {distinct} of {total} ({_pct(total - distinct, total)} duplicated or dead)"
+        if ratio["distinct"] < ratio["units"]:
+            line += f"; most collapsed {ratio['layer']} ({int(ratio['units'])} -> {int(ratio['distinct'])})"
+        lines.append(line)
+    rot = g[(g["kind"] == "rotation") & g["num_rank"].notna()]
+    if len(rot):
+        r = rot.assign(frac=rot["num_rank"] / rot["units"]).sort_values(["frac", "eff_rank"]).iloc[0]
+        lines.append(
+            f"rotation groups: {len(rot)}; lowest rank {r['group']}: num_rank {int(r['num_rank'])} of "
+            f"{int(r['units'])}, eff_rank {r['eff_rank']:.2f}"
+        )
+    dist = g["distance"].dropna()
+    if len(dist):
+        near = g.loc[dist.idxmin()]
+        lines.append(
+            f"nearest symmetric surface: {near['group']} ({near['kind']}) at distance {near['distance']:.3g}"
+        )
+    if rep.activations is not None:
+        a = rep.activations
+        lines.append(
+            f"probe ({rep.meta.get('rows')} rows, {rep.meta.get('mode')} mode, {len(a)} probed layers): "
+            f"dead {int(a['dead'].sum())}, dormant {int(a['dormant'].sum())} of {int(a['units'].sum())} "
+            f"units; lowest representation eff_rank "
+            + (
+                f"{a['eff_rank'].min():.2f} ({a.loc[a['eff_rank'].idxmin(), 'layer']})"
+                if a["eff_rank"].notna().any()
+                else "n/a"
+            )
+        )
+    if rep.neural_collapse:
+        nc = rep.neural_collapse
+        parts = [f"{k.upper()} {nc[k]:.3g}" for k in ("nc1", "nc3", "nc4") if k in nc]
+        if "nc2_equiangular" in nc:
+            parts.insert(
+                1, f"NC2 equinorm {nc['nc2_equinorm']:.3g} / equiangular {nc['nc2_equiangular']:.3g}"
+            )
+        lines.append(f"neural collapse at the input of {rep.meta.get('classifier')}: " + ", ".join(parts))
+    if rep.embedding_spectrum is not None and len(rep.embedding_spectrum):
+        ev = rep.embedding_spectrum
+        top = float(ev.max()) if len(ev) else 0.0
+        small = int((ev <= 1e-6 * top).sum()) if top > 0 else len(ev)
+        lines.append(f"embedding covariance: {small} of {len(ev)} eigenvalues below 1e-6 x the largest")
+    if rep.posterior is not None:
+        p = rep.posterior
+        lines.append(
+            f"posterior: {int(p['active'].sum())} of {len(p)} latents active; total KL {p['kl'].sum():.3g}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""Differentiable constraint by symmetry (DCS, THEORY.md §5): exact constraints above a predicted threshold,
+and structured sparsity that exports to a physically smaller CNN.
+
+Part (a), a general linear constraint Oᵀθ = 0. Linear regression L(θ) = mean (y − Xθ)² with θ ∈ R^d and a
+random O ∈ R^{d×k} with orthonormal columns. ``ms.constrain.linear`` reparametrises θ = (I − OOᵀ)w +
+O(u ⊙ v); coupled torch ``weight_decay = λ = 2γ`` on (w, u, v) is, after minimising over the factors,
+F(θ) = L(θ) + γ‖(I − OOᵀ)θ‖² + 2γ‖Oᵀθ‖₁, so s = Oᵀθ is *exactly* 0 at a minimum iff
+‖Oᵀ∇L(θ*_S)‖_∞ ≤ 2γ, with θ*_S = argmin_{Oᵀθ=0} L(θ) + γ‖θ‖² (closed form for a quadratic L). The
+predicted threshold γ_c is where ‖Oᵀ∇L(θ*_S(γ))‖_∞ = 2γ (bisection). The models are trained with
+full-batch heavy-ball GD on a grid of γ around γ_c and compared with (i) the threshold: ‖Oᵀθ‖ ≤ 1e-6 above,
+clearly non-zero below; (ii) an independent solver of the convex F (proximal gradient in float64), per
+coordinate. This part runs in float64: the 1e-6 criterion is within a few float32 round-offs of ‖θ‖.
+
+Part (b), structured sparsity. A ReLU CNN on scikit-learn's digits gets one scalar gate per unit of every
+coupled unit group (``ms.constrain.apply(model, x, kind="units")``: conv channels and hidden units, each gate
+multiplying the unit's incoming filter, bias and outgoing weights), trained with coupled decay λ on the
+gated tensors and gates (a group lasso over units). ``ms.constrain.export`` drops the exactly-zero units
+and returns a plain, smaller ``nn.Sequential``. Reported: parameters before/after, test accuracy of the
+constrained model, of the exported model (outputs must agree to 1e-5 relative) and of a dense baseline
+trained the same way without DCS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Claim, Context
+from .plotting import figure, save
+
+NAME = "dcs"
+TITLE = "DCS: a linear constraint met exactly above the predicted threshold; a CNN exported smaller"
+
+
+@dataclass(frozen=True)
+class Config:
+    # part (a): linear constraint on a regression weight
+    n: int = 256
+    d: int = 16
+    k: int = 4
+    s_true: tuple[float, ...] = (0.8, -0.5, 0.3, -0.15)  # Oᵀθ_true: spread per-direction thresholds
+    noise: float = 0.5
+    gamma_factors: tuple[float, ...] = (0.3, 0.6, 0.85, 1.2, 1.6, 3.0)  # grid, in units of predicted γ_c
+    lin_lr: float = 0.05
+    lin_momentum: float = 0.9
+    lin_steps: int = 1000
+    exact_tol: float = 1e-6  # "met exactly": ‖Oᵀθ‖ ≤ this
+    nonzero_tol: float = 1e-3  # "clearly non-zero": ‖Oᵀθ‖ > this
+    ref_tol: float = 1e-4  # trained s vs the convex reference, max abs
+    # part (b): structured sparsity of a CNN on digits
+    channels: tuple[int, int] = (16, 32)
+    hidden: int = 64
+    epochs: int = 100
+    batch: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    dense_weight_decay: float = 5e-4  # the dense baseline (and the DCS model's non-gated tensors)
+    dcs_weight_decay: float = 7e-3  # coupled λ on the gated tensors and gates: group lasso λΣ‖θ_unit‖₂
+    n_test: int = 497
+    export_tol: float = 1e-8  # an entry |θ| ≤ tol counts as zero
+    export_rtol: float = 1e-5
+    max_accuracy_drop: float = 0.03  # DCS vs dense baseline, test accuracy
+    max_param_ratio: float = 0.7  # exported / dense
+    seed: int = 0
+
+
+CONFIGS = {
+    # tiny (CI smoke size): narrow layers lose more accuracy to the group penalty, hence the looser bound
+    "tiny": Config(lin_steps=600, gamma_factors=(0.5, 2.0), channels=(8, 16), hidden=32, epochs=35,
+                   dcs_weight_decay=1.5e-2, max_accuracy_drop=0.12),
+    "quick": Config(),
+    "full": Config(n=2048, d=64, k=12, s_true=tuple(float(s) for s in np.linspace(1.0, 0.1, 12)),
+                   gamma_factors=tuple(float(f) for f in np.geomspace(0.2, 5.0, 16)), lin_steps=10000,
+                   channels=(32, 64), hidden=128, epochs=120),
+}
+
+
+# ---------------------------------------------------------------------------------------------- part (a)
+def linear_problem(cfg: Config, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """X (n, d) standard normal, O (d, k) random orthonormal, θ_true with Oᵀθ_true = ``s_true``, y."""
+    if len(cfg.s_true) != cfg.k:
+        raise ValueError(f"Config.s_true has {len(cfg.s_true)} entries, expected k={cfg.k}")
+    X = torch.randn(cfg.n, cfg.d, generator=gen, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(cfg.d, cfg.d, generator=gen, dtype=torch.float64)).Q
+    O, O_perp = basis[:, : cfg.k], basis[:, cfg.k :]
+    theta = O_perp @ torch.randn(cfg.d - cfg.k, generator=gen, dtype=torch.float64) + O @ torch.tensor(
+        cfg.s_true, dtype=torch.float64)
+    y = X @ theta + cfg.noise * torch.randn(cfg.n, generator=gen, dtype=torch.float64)
+    return {"X": X, "y": y, "O": O, "O_perp": O_perp}
+
+
+def loss_gradient(X: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """∇L for L = mean (y − Xθ)²."""
+    return -2.0 * X.T @ (y - X @ theta) / len(y)
+
+
+def surface_minimiser(p: dict, gamma: float) -> torch.Tensor:
+    """θ*_S = argmin L(θ) + γ‖θ‖² subject to Oᵀθ = 0 (θ = O⊥ t, a ridge problem in t)."""
+    Z = p["X"] @ p["O_perp"]
+    n = len(p["y"])
+    A = Z.T @ Z / n + gamma * torch.eye(Z.shape[1], dtype=Z.dtype)
+    return p["O_perp"] @ torch.linalg.solve(A, Z.T @ p["y"] / n)
+
+
+def surface_gradient(p: dict, gamma: float) -> torch.Tensor:
+    """∂L/∂s = Oᵀ∇L(θ*_S(γ)): s = 0 is optimal for F iff ‖this‖_∞ ≤ 2γ (THEORY.md §5)."""
+    return p["O"].T @ loss_gradient(p["X"], p["y"], surface_minimiser(p, gamma))
+
+
+def predicted_threshold(p: dict, iters: int = 200) -> float:
+    """γ_c with ‖Oᵀ∇L(θ*_S(γ_c))‖_∞ = 2γ_c, by bisection (the left side is bounded, the right grows)."""
+    def excess(g):
+        return surface_gradient(p, g).abs().max().item() - 2 * g
+
+    lo, hi = 0.0, 1.0
+    while excess(hi) > 0:
+        hi *= 2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+        if hi - lo <= 1e-14 * hi:
+            break
+    return hi
+
+
+def reference_solution(p: dict, gamma: float, iters: int = 500) -> torch.Tensor:
+    """argmin F(θ) = L(θ) + γ‖(I − OOᵀ)θ‖² + 2γ‖Oᵀθ‖₁ by proximal gradient (ISTA) in float64, in the
+    coordinates θ = O s + O⊥ t; returns s. F is strongly convex here (X has full column rank)."""
+    Q = torch.cat([p["O"], p["O_perp"]], dim=1)
+    Z, y, k = p["X"] @ Q, p["y"], p["O"].shape[1]
+    n = len(y)
+    hess = 2 * Z.T @ Z / n
+    hess[k:, k:] += 2 * gamma * torch.eye(Z.shape[1] - k, dtype=Z.dtype)
+    step = 1.0 / torch.linalg.eigvalsh(hess).max().item()
+    a = torch.zeros(Z.shape[1], dtype=Z.dtype)
+    b = 2 * Z.T @ y / n
+    for _ in range(iters):
+        a = a - step * (hess @ a - b)
+        a[:k] = a[:k].sign() * (a[:k].abs() - 2 * gamma * step).clamp_min(0)
+    return a[:k]
+
+
+def train_linear_constraint(p: dict, gamma: float, cfg: Config) -> dict:
+    """nn.Linear(d, 1) with ``ms.constrain.linear(model, "weight", O)``, heavy-ball GD, coupled decay 2γ on
+    every factor. Returns s = Oᵀθ (from the parametrized weight) and u ⊙ v."""
+    import mirrorsym as ms
+
+    torch.manual_seed(cfg.seed)
+    model = nn.Linear(cfg.d, 1, bias=False).double()
+    ms.constrain.linear(model, "weight", p["O"])
+    opt = torch.optim.SGD(ms.constrain.param_groups(model, 2 * gamma), lr=cfg.lin_lr, momentum=cfg.lin_momentum)
+    X, y = p["X"], p["y"]
+    for _ in range(cfg.lin_steps):
+        opt.zero_grad(set_to_none=True)
+        ((y - model(X)[:, 0]) ** 2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        s = p["O"].T @ model.weight.reshape(-1)
+        factors = model.parametrizations.weight  # original0 = w, original1 = u, original2 = v
+        uv = factors.original1 * factors.original2
+    return {"s": s, "uv": uv}
+
+
+def run_linear(cfg: Config, ctx: Context) -> dict:
+    p = linear_problem(cfg, ctx.generator(cfg.seed))
+    gamma_c = predicted_threshold(p)
+    gammas = [f * gamma_c for f in cfg.gamma_factors]
+    trained = [train_linear_constraint(p, g, cfg) for g in ctx.track(gammas, "linear constraint γ grid")]
+    curve = np.geomspace(min(gammas) / 2, max(gammas) * 1.5, 40).tolist()
+    return {
+        "gamma_c": gamma_c,
+        "gammas": gammas,
+        "s": [t["s"] for t in trained],
+        "uv": [t["uv"] for t in trained],
+        "reference_s": [reference_solution(p, g) for g in gammas],
+        "curve_gammas": curve,
+        "curve_reference_s": [reference_solution(p, g, iters=300) for g in curve],
+        "curve_surface_grad": [surface_gradient(p, g).abs() for g in curve],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- part (b)
+def digits_split(cfg: Config, gen: torch.Generator):
+    """scikit-learn's 8×8 digits, standardised, as (N, 1, 8, 8); a fixed random train/test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=gen)
+    test, train = perm[: cfg.n_test], perm[cfg.n_test :]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def make_cnn(cfg: Config) -> nn.Sequential:
+    c1, c2 = cfg.channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c2 * 4, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10),
+    )
+
+
+def train_cnn(cfg: Config, train, dcs: bool, ctx: Context) -> nn.Module:
+    """SGD with momentum; ``dcs``: unit gates via ``ms.constrain.apply`` and coupled decay
+    ``dcs_weight_decay`` on the gated tensors and gates, ``dense_weight_decay`` on the rest."""
+    import mirrorsym as ms
+
+    x, y = train
+    torch.manual_seed(cfg.seed)  # the same initial weights for both models
+    model = make_cnn(cfg).to(x.device)
+    if dcs:
+        ms.constrain.apply(model, x[:8], kind="units")
+        groups = ms.constrain.param_groups(model, cfg.dcs_weight_decay, other_weight_decay=cfg.dense_weight_decay)
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.dense_weight_decay}]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    for _ in ctx.track(range(cfg.epochs), "CNN " + ("DCS units" if dcs else "dense")):
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch):
+            idx = idx.to(x.device)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+def _accuracy(model: nn.Module, x, y) -> torch.Tensor:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).double().mean()
+
+
+def _widths(model: nn.Module) -> list[int]:
+    """Output width of every Conv / Linear layer, in order."""
+    return [m.weight.shape[0] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    return [f"{path} ({type(m).__name__})" for path, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def run_cnn(cfg: Config, ctx: Context) -> dict:
+    import mirrorsym as ms
+
+    train, test = digits_split(cfg, ctx.generator(cfg.seed + 10))
+    train = tuple(t.to(ctx.device) for t in train)
+    test = tuple(t.to(ctx.device) for t in test)
+    dense = train_cnn(cfg, train, False, ctx)
+    model = train_cnn(cfg, train, True, ctx).eval()
+    x_all = torch.cat([train[0], test[0]])
+    small = ms.constrain.export(model, x_all, tol=cfg.export_tol, rtol=cfg.export_rtol)
+    report = small.mirrorsym_export
+    with torch.no_grad():
+        y_dcs, y_small = model(x_all), small(x_all)
+    baked = copy.deepcopy(model)
+    ms.constrain.bake(baked)
+    return {
+        "params_dense": ms.constrain.count_params(dense),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "widths_before": _widths(baked),
+        "widths_after": _widths(small),
+        "layer_names": _layer_names(baked),
+        "acc_dense": _accuracy(dense, *test),
+        "acc_dcs": _accuracy(model, *test),
+        "acc_exported": _accuracy(small, *test),
+        "export_rel_error": ((y_small - y_dcs).abs().max() / y_dcs.abs().max()).item(),
+        "unit_norms": [_unit_norms(baked, g) for g in ms.constrain.unit_groups(baked, x_all[:8])],
+        "group_labels": [g.label for g in ms.constrain.unit_groups(baked, x_all[:8])],
+    }
+
+
+def _unit_norms(model: nn.Module, group) -> list[float]:
+    """‖θ_unit‖₂ over all slices of each unit of ``group`` (the group-lasso coordinates)."""
+    params = dict(model.named_parameters())
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for e in group.entries:
+        if e.name not in params:
+            continue
+        t = params[e.name].detach().double().index_select(e.dim, torch.tensor(e.indices)).movedim(e.dim, 0)
+        total += t.reshape(group.size, -1).square().sum(1)
+    return total.sqrt().tolist()
+
+
+@contextlib.contextmanager
+def single_cpu_thread():
+    """torch intra-op threads = 1 inside the block (restored after). These models are far too small to
+    gain from intra-op parallelism; on a busy 2-core machine the second OpenMP thread's spin-waiting made
+    the quick run ~9x slower in CPU time and ~6x in wall time (measured 2026-11-27)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(cfg: Config, ctx: Context) -> dict:
+    with single_cpu_thread():
+        return {"linear": run_linear(cfg, ctx), "cnn": run_cnn(cfg, ctx)}
+
+
+# ---------------------------------------------------------------------------------------------- report
+FLOOR = 1e-19  # exact zeros drawn at this height on log axes (float64 round-off of Oᵀθ is ~1e-16)
+
+
+def _ratio_axis(ax) -> None:
+    """Log x axis of γ/γ_c with plain labels (the range spans little more than one decade)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([0.2, 0.5, 1.0, 2.0, 5.0]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot(results: dict, ctx: Context) -> list:
+    lin, cnn = results["linear"], results["cnn"]
+    gc, g = lin["gamma_c"], np.array(lin["gammas"])
+    curve = np.array(lin["curve_gammas"])
+    fig, ax = figure(3)
+    grad = np.array(lin["curve_surface_grad"])
+    for i in range(grad.shape[1]):
+        ax[0, 0].plot(curve / gc, grad[:, i], lw=1, label=f"|∂L/∂s_{i + 1}| at θ*_S(γ)")
+    ax[0, 0].plot(curve / gc, 2 * curve, "k--", label="2γ")
+    ax[0, 0].axvline(1.0, color="grey", ls=":", label=f"predicted γ_c = {gc:.3g}")
+    _ratio_axis(ax[0, 0])
+    ax[0, 0].set_xlabel("weight decay γ / γ_c")
+    ax[0, 0].set_ylabel("gradient on the constraint surface")
+    ax[0, 0].set_title("Threshold: s = 0 is a minimum iff max|∂L/∂s_i| ≤ 2γ", fontsize=9)
+    ax[0, 0].legend(fontsize=7)
+    ref = np.abs(np.array(lin["curve_reference_s"]))
+    s = np.abs(np.array(lin["s"]))
+    for i in range(ref.shape[1]):
+        line, = ax[0, 1].plot(curve / gc, np.maximum(ref[:, i], FLOOR), lw=1,
+                              label="convex reference (lines)" if i == 0 else None)
+        ax[0, 1].plot(g / gc, np.maximum(s[:, i], FLOOR), "o", ms=4, color=line.get_color(),
+                      label="trained with ms.constrain.linear (dots)" if i == 0 else None)
+    ax[0, 1].plot(g / gc, np.maximum(np.linalg.norm(s, axis=1), FLOOR), "kx", ms=7, label="‖Oᵀθ‖ trained")
+    ax[0, 1].axhline(1e-6, color="r", ls="--", lw=0.8, label="1e-6 (exact)")
+    ax[0, 1].axvline(1.0, color="grey", ls=":")
+    _ratio_axis(ax[0, 1])
+    ax[0, 1].set_yscale("log")
+    ax[0, 1].set_xlabel("weight decay γ / γ_c")
+    ax[0, 1].set_ylabel(f"|s_i| = |(Oᵀθ)_i| (exact 0 drawn at {FLOOR:g})")
+    ax[0, 1].set_title(f"Linear constraint, k = {s.shape[1]} directions", fontsize=9)
+    ax[0, 1].legend(fontsize=7, loc="center left")
+    before, after = cnn["widths_before"][:-1], cnn["widths_after"][:-1]
+    pos = np.arange(len(before))
+    ax[0, 2].bar(pos - 0.2, before, 0.4, label="before export (dense)")
+    ax[0, 2].bar(pos + 0.2, after, 0.4, label="after export")
+    ax[0, 2].set_xticks(pos, cnn["layer_names"][:-1])
+    ax[0, 2].set_ylabel("units (channels / neurons)")
+    ax[0, 2].set_title(f"CNN on digits: params {cnn['params_before']} → {cnn['params_after']}\n"
+                       f"test acc dense {cnn['acc_dense']:.3f}, DCS {cnn['acc_dcs']:.3f}, exported "
+                       f"{cnn['acc_exported']:.3f}", fontsize=8)
+    ax[0, 2].legend(fontsize=7)
+    return [save(fig, ctx.out_dir, "dcs")]
+
+
+def claims(results: dict, cfg: Config) -> list[Claim]:
+    lin, cnn = results["linear"], results["cnn"]
+    gc = lin["gamma_c"]
+    norms = [float(np.linalg.norm(s)) for s in lin["s"]]
+    above = [n for g, n in zip(lin["gammas"], norms, strict=True) if g > gc]
+    below = [n for g, n in zip(lin["gammas"], norms, strict=True) if g < gc]
+    ref, s = np.array(lin["reference_s"]), np.array(lin["s"])
+    zeros_ref = (np.abs(ref) <= cfg.exact_tol).sum(1).tolist()
+    zeros_got = (np.abs(s) <= cfg.exact_tol).sum(1).tolist()
+    err = float(np.abs(ref - s).max())
+    out = [
+        Claim(f"above the predicted γ_c = {gc:.4g}: ‖Oᵀθ‖ ≤ {cfg.exact_tol:g} at every grid γ ({len(above)})",
+              f"≤ {cfg.exact_tol:g}", max(above, default=None),
+              bool(above) and max(above) <= cfg.exact_tol),
+        Claim(f"below γ_c: ‖Oᵀθ‖ clearly non-zero (> {cfg.nonzero_tol:g}) at every grid γ ({len(below)})",
+              f"> {cfg.nonzero_tol:g}", min(below, default=None), bool(below) and min(below) > cfg.nonzero_tol),
+        Claim("per direction: exact zeros of Oᵀθ match the convex solution of L + γ‖(I−P)θ‖² + 2γ‖Oᵀθ‖₁",
+              zeros_ref, zeros_got, zeros_ref == zeros_got),
+        Claim("trained Oᵀθ = convex reference", f"max |Δs| ≤ {cfg.ref_tol:g}", err, err <= cfg.ref_tol),
+        Claim("exported CNN has the same outputs as the constrained one", f"rel. error ≤ {cfg.export_rtol:g}",
+              cnn["export_rel_error"], cnn["export_rel_error"] <= cfg.export_rtol),
+        Claim("exported CNN has the same test accuracy", cnn["acc_dcs"], cnn["acc_exported"],
+              cnn["acc_exported"] == cnn["acc_dcs"]),
+        Claim("exported CNN is physically smaller", f"≤ {cfg.max_param_ratio} × {cnn['params_before']}",
+              cnn["params_after"], cnn["params_after"] <= cfg.max_param_ratio * cnn["params_before"]),
+        Claim("DCS accuracy close to the dense baseline", f"≥ {cnn['acc_dense']:.3f} − {cfg.max_accuracy_drop}",
+              cnn["acc_dcs"], cnn["acc_dcs"] >= cnn["acc_dense"] - cfg.max_accuracy_drop),
+    ]
+    return out

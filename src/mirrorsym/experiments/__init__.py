@@ -12,6 +12,14 @@ MODULES = [
     "theorem1",
     "sparsity",
     "lowrank",
+    "permutation",
+    "noise",
+    "transformer",
+    "dcs",
+    "plasticity",
+    "posterior",
+    "dimensional",
+    "neural_collapse",
 ]
 
 

@@ -1,11 +1,15 @@
 import pytest
 import torch
 
+from mirrorsym.core import single_threaded
+
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Deterministic seed; one intra-op thread, since the suite is tiny ops and threads only add waiting."""
     torch.manual_seed(0)
-    yield
+    with single_threaded():
+        yield
 
 
 def tanh_net_params(n_in=3, hidden=6, n_out=2, dtype=torch.float64, seed=0):

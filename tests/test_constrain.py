@@ -11,15 +11,6 @@ from mirrorsym.constrain import LinearConstraint
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: one intra-op thread avoids spin-wait contention on the shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fit(module, loss_fn, steps, lr, weight_decay, opt=torch.optim.SGD, **kw):
     """Full-batch training with coupled decay λ = ``weight_decay`` on every parameter."""
     optimizer = opt(module.parameters(), lr=lr, weight_decay=weight_decay, **kw)

@@ -11,14 +11,6 @@ from mirrorsym.constrain import count_params
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rel_err(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
 

@@ -11,15 +11,6 @@ from mirrorsym.core import Mirror
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: one intra-op thread avoids spin-wait contention on the shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _planted_mlp(seed=0):
     """tanh MLP 4 → 6 → 1 whose hidden units 0 and 1 are exact duplicates (row, bias, column)."""
     torch.manual_seed(seed)

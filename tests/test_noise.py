@@ -20,7 +20,6 @@ from mirrorsym.experiments.noise import (
     tanh_loss,
 )
 from mirrorsym.theory import critical_learning_rate, lyapunov_exponent, minibatch_curvature
-from mirrorsym.theory.noise import single_threaded
 
 
 def hadamard_g(problem) -> torch.Tensor:
@@ -281,8 +280,7 @@ def test_hadamard_collapse_boundary_matches_simulated_sgd():
     prob = hadamard_problem()
     eta = critical_learning_rate(prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=2)
     lrs = np.geomspace(0.3 * eta.value, 1.2 * eta.upper, 20)
-    with single_threaded():
-        sim = simulate_collapse(prob, lrs, 2, 32, 1500, torch.Generator().manual_seed(0))
+    sim = simulate_collapse(prob, lrs, 2, 32, 1500, torch.Generator().manual_seed(0))
     got, want = measured_index(sim["collapsed"]), first_index(lrs, eta.value)
     assert got is not None and abs(got - want) <= 1, (sim, want)
     assert sim["collapsed"][0] == 0.0  # far below η_c SGD escapes the saddle
@@ -295,8 +293,7 @@ def test_swap_boundary_at_batch_three_matches_simulated_sgd():
         prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=3, weight_decay=prob.weight_decay
     )
     lrs = np.geomspace(0.3 * eta.value, 1.2 * eta.upper, 20)
-    with single_threaded():
-        sim = simulate_collapse(prob, lrs, 3, 32, 3000, torch.Generator().manual_seed(1))
+    sim = simulate_collapse(prob, lrs, 3, 32, 3000, torch.Generator().manual_seed(1))
     got, want = measured_index(sim["collapsed"]), first_index(lrs, eta.value)
     assert got is not None and abs(got - want) <= 1, (sim, want)
 

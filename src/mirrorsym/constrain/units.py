@@ -28,32 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-ELEMENTWISE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Softplus,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Tanhshrink,
-    nn.Softsign,
-    nn.LogSigmoid,
-)
+from ..diagnose.probe import ACTIVATIONS
+
+# elementwise modules: a unit passes through unchanged in position
+ELEMENTWISE = (*ACTIVATIONS, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 CHANNEL_POOLS = (
     nn.MaxPool1d,
     nn.MaxPool2d,

@@ -3,6 +3,7 @@
 from .hessian import HVP, ProjectedHessian, checked_loss, gradient, lanczos_min_eig
 from .mirror import Mirror, check_invariance
 from .slices import Slice, gather, parse_spec, scatter, spec_of
+from .threads import single_threaded
 
 __all__ = [
     "HVP",
@@ -16,5 +17,6 @@ __all__ = [
     "lanczos_min_eig",
     "parse_spec",
     "scatter",
+    "single_threaded",
     "spec_of",
 ]

@@ -46,6 +46,9 @@ ACTIVATIONS = (
     nn.Hardtanh,
     nn.Hardswish,
     nn.Hardsigmoid,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
 )
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Representations wider than this skip the effective rank (a D×D Gram matrix is accumulated).

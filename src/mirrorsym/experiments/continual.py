@@ -9,7 +9,6 @@ choice takes a ``torch.Generator``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -21,27 +20,6 @@ from ..diagnose.metrics import (
     dormant_activations,
     representation_eff_rank,
 )
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run small-tensor work on one intra-op thread (restored afterwards). On a shared, loaded CPU the
-    default thread pool spins on tiny matmuls: a 64-wide MLP step costs ~0.15 ms of CPU on one thread and
-    ~20 ms with two busy-waiting threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits: X (1797, 64) with pixel values scaled to [0, 1], y (1797,) int64 in 0..9."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data / 16.0, dtype=dtype), torch.tensor(d.target, dtype=torch.int64)
 
 
 class MLP(nn.Module):

@@ -22,7 +22,6 @@ trained the same way without DCS.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from .base import Claim, Context
+from .data import digit_images
 from .plotting import figure, save
 
 NAME = "dcs"
@@ -186,13 +186,8 @@ def run_linear(cfg: Config, ctx: Context) -> dict:
 
 # ---------------------------------------------------------------------------------------------- part (b)
 def digits_split(cfg: Config, gen: torch.Generator):
-    """scikit-learn's 8×8 digits, standardised, as (N, 1, 8, 8); a fixed random train/test split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target)
+    """:func:`digit_images` with a fixed random train/test split."""
+    x, y = digit_images()
     perm = torch.randperm(len(x), generator=gen)
     test, train = perm[: cfg.n_test], perm[cfg.n_test :]
     return (x[train], y[train]), (x[test], y[test])
@@ -289,22 +284,8 @@ def _unit_norms(model: nn.Module, group) -> list[float]:
     return total.sqrt().tolist()
 
 
-@contextlib.contextmanager
-def single_cpu_thread():
-    """torch intra-op threads = 1 inside the block (restored after). These models are far too small to
-    gain from intra-op parallelism; on a busy 2-core machine the second OpenMP thread's spin-waiting made
-    the quick run ~9x slower in CPU time and ~6x in wall time (measured 2026-11-27)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(cfg: Config, ctx: Context) -> dict:
-    with single_cpu_thread():
-        return {"linear": run_linear(cfg, ctx), "cnn": run_cnn(cfg, ctx)}
+    return {"linear": run_linear(cfg, ctx), "cnn": run_cnn(cfg, ctx)}
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -36,7 +36,7 @@ from torch import nn
 from ..constrain.remove import remove_symmetries
 from ..diagnose.metrics import effective_rank, embedding_spectrum
 from .base import Claim, Context
-from .continual import digits, single_thread
+from .data import digits
 from .plotting import figure, save
 
 NAME = "dimensional"
@@ -128,8 +128,7 @@ def train_variant(variant: str, X: torch.Tensor, cfg: Config) -> dict:
 def run(cfg: Config, ctx: Context) -> dict:
     X, _ = digits()
     X = X - X.mean(0)
-    with single_thread():
-        out = {v: train_variant(v, X, cfg) for v in ctx.track(VARIANTS, "dimensional: variants")}
+    out = {v: train_variant(v, X, cfg) for v in ctx.track(VARIANTS, "dimensional: variants")}
     return {"variants": out, "rep_dim": cfg.rep_dim, "zero_tol": cfg.zero_tol}
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..diagnose.metrics import neural_collapse
 from .base import Claim, Context
-from .continual import digits, single_thread
+from .data import digits
 from .plotting import figure, save
 
 NAME = "neural_collapse"
@@ -114,19 +114,18 @@ def run(cfg: Config, ctx: Context) -> dict:
     idx = torch.randperm(len(X), generator=ctx.generator(cfg.seed))[: cfg.n_train]
     X, y = X[idx], y[idx]
     out = {}
-    with single_thread():
-        for kind, lr in ctx.track(list(zip(cfg.losses, cfg.lrs, strict=True)), "neural collapse: losses"):
-            params = train(cfg, kind, lr, X, y, ctx.generator(cfg.seed + 1))
-            with torch.no_grad():
-                logits, feats = forward(params, X)
-            rows = []
-            for k, wd in enumerate(cfg.weight_decays):
-                nc = neural_collapse(feats[k], y, weight=params[4][k].detach(), bias=params[5][k].detach(),
-                                     num_classes=10)
-                rows.append({"weight_decay": wd, "train_acc": float((logits[k].argmax(1) == y).double().mean()),
-                             "train_loss": float(data_loss(logits[k : k + 1], y, kind)[0]),
-                             **{m: float(nc[m]) for m in METRICS}})
-            out[kind] = rows
+    for kind, lr in ctx.track(list(zip(cfg.losses, cfg.lrs, strict=True)), "neural collapse: losses"):
+        params = train(cfg, kind, lr, X, y, ctx.generator(cfg.seed + 1))
+        with torch.no_grad():
+            logits, feats = forward(params, X)
+        rows = []
+        for k, wd in enumerate(cfg.weight_decays):
+            nc = neural_collapse(feats[k], y, weight=params[4][k].detach(), bias=params[5][k].detach(),
+                                 num_classes=10)
+            rows.append({"weight_decay": wd, "train_acc": float((logits[k].argmax(1) == y).double().mean()),
+                         "train_loss": float(data_loss(logits[k : k + 1], y, kind)[0]),
+                         **{m: float(nc[m]) for m in METRICS}})
+        out[kind] = rows
     return {"losses": out}
 
 

@@ -38,7 +38,7 @@ from matplotlib.ticker import NullFormatter
 from torch.func import vmap
 
 from ..core import Mirror
-from ..theory.noise import MinibatchCurvature, minibatch_curvature, single_threaded
+from ..theory.noise import MinibatchCurvature, minibatch_curvature
 from .base import Claim, Context
 from .plotting import figure, save
 
@@ -300,12 +300,7 @@ def _check_against_exact(curv, lrs, eta_c, b, gamma, cfg: Config, offset: int) -
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    with single_threaded():  # thousands of tiny ops: threads only add waiting (see single_threaded)
-        return {
-            "problems": [
-                run_problem(PROBLEMS[name](), cfg, ctx, 1000 * i) for i, name in enumerate(cfg.problems)
-            ]
-        }
+    return {"problems": [run_problem(PROBLEMS[name](), cfg, ctx, 1000 * i) for i, name in enumerate(cfg.problems)]}
 
 
 # ---------------------------------------------------------------------- claims

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .base import Claim, Context
+from .data import digit_images
 from .plotting import figure, save
 
 NAME = "permutation"
@@ -45,16 +46,6 @@ CONFIGS = {
     "quick": Config(),
     "full": Config(channels=(32, 64), epochs=200),
 }
-
-
-def digits(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8×8 digits (1797 images, shipped with the package), standardised, as (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    return x.to(device), torch.tensor(d.target).to(device)
 
 
 def make_cnn(channels: tuple[int, int]) -> nn.Sequential:
@@ -89,7 +80,7 @@ def train(cfg: Config, method: str, x, y, ctx: Context) -> nn.Module:
 def run(cfg: Config, ctx: Context) -> dict:
     import mirrorsym as ms
 
-    x, y = digits(ctx.device)
+    x, y = (t.to(ctx.device) for t in digit_images())
     out = {}
     for method in METHODS:
         model = train(cfg, method, x, y, ctx)

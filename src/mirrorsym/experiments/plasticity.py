@@ -50,7 +50,8 @@ from torch import nn
 from ..constrain.remove import l2_init, remove_symmetries, shrink_and_perturb
 from ..diagnose.monitor import SymmetryMonitor
 from .base import Claim, Context
-from .continual import MLP, ContinualBackprop, digits, single_thread, structure_metrics
+from .continual import MLP, ContinualBackprop, structure_metrics
+from .data import digits
 from .plotting import figure, save
 
 NAME = "plasticity"
@@ -204,9 +205,8 @@ def monitor_metrics(monitor: SymmetryMonitor) -> dict[str, float]:
 def run(cfg: Config, ctx: Context) -> dict:
     jobs = [(s, m) for s in cfg.settings for m in cfg.methods]
     out: dict = {s: {} for s in cfg.settings}
-    with single_thread():
-        for s, m in ctx.track(jobs, "plasticity: settings × methods"):
-            out[s][m] = run_method(s, m, cfg)
+    for s, m in ctx.track(jobs, "plasticity: settings × methods"):
+        out[s][m] = run_method(s, m, cfg)
     return {"settings": list(cfg.settings), "methods": list(cfg.methods), "units": cfg.width * cfg.depth,
             "results": out}
 

@@ -43,7 +43,6 @@ from torch import nn
 from ..constrain.remove import remove_symmetries
 from ..diagnose.metrics import ACTIVE_LATENT_THRESHOLD, active_latents, gaussian_kl_per_latent
 from .base import Claim, Context
-from .continual import single_thread
 from .plotting import figure, save
 
 NAME = "posterior"
@@ -159,12 +158,11 @@ def run(cfg: Config, ctx: Context) -> dict:
     grid = [(b, s) for b in cfg.betas for s in cfg.sigma2s]
     beta = torch.tensor([b for b, _ in grid], dtype=torch.float64)
     sigma2 = torch.tensor([s for _, s in grid], dtype=torch.float64)
-    with single_thread():
-        vae = LinearVAE(d, cfg.latents, len(grid), ctx.generator(cfg.seed + 1))
-        train(vae, X, beta, sigma2, cfg.lr, cfg.steps)
-        rows = [{"beta": b, "sigma2": s, "predicted": predicted(cfg.spectrum, cfg.latents, b, s),
-                 "measured": measure(vae, X, i)} for i, (b, s) in enumerate(grid)]
-        surface = {m: surface_run(m, X, cfg) for m in ctx.track(("plain", "l2", "syre"), "posterior: from the surface")}
+    vae = LinearVAE(d, cfg.latents, len(grid), ctx.generator(cfg.seed + 1))
+    train(vae, X, beta, sigma2, cfg.lr, cfg.steps)
+    rows = [{"beta": b, "sigma2": s, "predicted": predicted(cfg.spectrum, cfg.latents, b, s),
+             "measured": measure(vae, X, i)} for i, (b, s) in enumerate(grid)]
+    surface = {m: surface_run(m, X, cfg) for m in ctx.track(("plain", "l2", "syre"), "posterior: from the surface")}
     return {"spectrum": list(cfg.spectrum), "grid": rows, "surface": surface,
             "surface_predicted": predicted(cfg.spectrum, cfg.latents, cfg.surface_beta, cfg.surface_sigma2)}
 

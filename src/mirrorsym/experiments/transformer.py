@@ -23,7 +23,6 @@ reports for the model (one rotation group per head on q/k).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -169,28 +168,14 @@ def detected_heads(model: RecallAttention, example: torch.Tensor) -> dict:
             "qk_rows": sorted(tuple(g.params["q.weight"][1]) for g in qk)}
 
 
-@contextlib.contextmanager
-def single_cpu_thread():
-    """torch intra-op threads = 1 inside the block (restored after). These models are far too small to
-    gain from intra-op parallelism; on a busy 2-core machine the second OpenMP thread's spin-waiting made
-    the quick run ~9x slower in CPU time and ~6x in wall time (measured 2026-11-27)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(cfg: Config, ctx: Context) -> dict:
     gen = ctx.generator(cfg.seed)
     data = (make_data(cfg, cfg.n_train, gen), make_data(cfg, cfg.n_test, gen))
     data = tuple((a.to(ctx.device), b.to(ctx.device)) for a, b in data)
-    with single_cpu_thread():
-        models = [train(cfg, g, False, data, ctx) for g in cfg.gammas]
-        decay = [measure(m, data[1]) for m in models]
-        control = [measure(train(cfg, g, True, data, ctx), data[1]) for g in cfg.control_gammas]
-        det = detected_heads(models[0].cpu(), data[1][0][:4].cpu())  # on a trained model
+    models = [train(cfg, g, False, data, ctx) for g in cfg.gammas]
+    decay = [measure(m, data[1]) for m in models]
+    control = [measure(train(cfg, g, True, data, ctx), data[1]) for g in cfg.control_gammas]
+    det = detected_heads(models[0].cpu(), data[1][0][:4].cpu())  # on a trained model
     return {"gammas": list(cfg.gammas), "control_gammas": list(cfg.control_gammas), "d_head": cfg.d_model // cfg.heads,
             "n_values": cfg.n_values, "decay": decay, "control": control, "detected": det}
 

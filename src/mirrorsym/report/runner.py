@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..core.threads import single_threaded
 from ..experiments import registry
 from ..experiments.base import Claim, Context, config_key, to_jsonable
 from .render import write_report
@@ -64,8 +65,10 @@ def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict
             cached = saved
     if cached is None:
         t0 = time.perf_counter()
+        with single_threaded():  # experiments are many small ops: see single_threaded
+            raw = module.run(cfg, ctx)
         # plot() and claims() always see the JSON form, whether fresh or loaded from the store
-        results = json.loads(json.dumps(to_jsonable(module.run(cfg, ctx))))
+        results = json.loads(json.dumps(to_jsonable(raw)))
         seconds = time.perf_counter() - t0
         _write_json(store, {"config": key, "seconds": seconds, "results": results})
     else:

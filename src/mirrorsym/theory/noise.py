@@ -47,8 +47,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +57,7 @@ from torch.func import grad, jvp, vmap
 from ..core.hessian import ProjectedHessian, checked_loss
 from ..core.mirror import Mirror
 from ..core.slices import Params, gather
+from ..core.threads import single_threaded
 
 DEFAULT_MAX_ENUMERATE = 100_000
 COMMUTE_TOL = 1e-9  # relative size of the off-diagonal part in the common eigenbasis
@@ -421,21 +421,6 @@ def sample_minibatches(
         u = torch.rand(min(TIME_CHUNK, num - start), n, generator=gen, dtype=torch.float64)
         rows.append(u.topk(batch_size, dim=1).indices)
     return torch.cat(rows)
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run a block with one intra-op thread, then restore the previous count.
-
-    The QR loop (and the experiments' many-copy SGD) is thousands of tiny ops; on a loaded machine each
-    multi-threaded op waits for every core (measured 22 ms instead of 8 µs per op on a busy 2-core box).
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------- exponents

@@ -48,10 +48,12 @@ def main() -> None:
     v = {k: torch.randn_like(t) for k, t in params.items()}
     t_grad = timed(lambda: gradient(loss, params), args.repeats, dev)
     t_hvp = timed(lambda: hvp(v), args.repeats, dev)
+    t_dbl = timed(lambda: hvp._double_backward(v), args.repeats, dev)
     print(f"model: MLP 512-1024-512-1 tanh, {n_params:,} parameters, batch 256, {dev}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"gradient: {t_grad * 1e3:.2f} ms   HVP (forward-over-reverse): {t_hvp * 1e3:.2f} ms   "
           f"ratio HVP/gradient: {t_hvp / t_grad:.2f}")
+    print(f"HVP by double backward (the fallback): {t_dbl * 1e3:.2f} ms   ratio to gradient: {t_dbl / t_grad:.2f}")
     m = ms.Mirror.sign_flip({"0.weight": (0, [7]), "0.bias": (0, [7]), "2.weight": (1, [7])})
     t0 = time.perf_counter()
     res = ms.theory.projected_curvature(loss, params, m, max_hvps=100)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -16,6 +17,17 @@ def make_tanh_mlp():
     return mlp(torch.nn.Tanh, sizes=(5, 7, 3))
 
 
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """A user package on sys.path that holds a model factory: ``userpkg.nets:make_tanh_mlp``."""
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("from test_detect_cli import make_tanh_mlp  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "userpkg.nets:make_tanh_mlp"
+
+
 def test_scan_builtin_example_table():
     result = runner.invoke(app, ["scan", "mlp-tanh"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -23,10 +35,8 @@ def test_scan_builtin_example_table():
     assert "Total: 4 symmetry groups (2 permutation, 2 sign_flip)" in result.output
 
 
-def test_scan_factory_path_json():
-    result = runner.invoke(
-        app, ["scan", "tests.test_detect_cli:make_tanh_mlp", "--input-shape", "2,5", "--json"]
-    )
+def test_scan_factory_path_json(factory_module):
+    result = runner.invoke(app, ["scan", factory_module, "--input-shape", "2,5", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert sorted(g["kind"] for g in data["groups"]) == ["permutation", "sign_flip"]
@@ -41,8 +51,8 @@ def test_scan_saved_model_file(tmp_path):
     assert len(json.loads(result.output)["groups"]) == 2
 
 
-def test_scan_errors_are_clear(tmp_path):
-    result = runner.invoke(app, ["scan", "tests.test_detect_cli:make_tanh_mlp"])
+def test_scan_errors_are_clear(tmp_path, factory_module):
+    result = runner.invoke(app, ["scan", factory_module])
     assert result.exit_code == 2 and "--input-shape" in result.output
     path = tmp_path / "state.pt"
     torch.save(make_tanh_mlp().state_dict(), path)

@@ -25,6 +25,10 @@ def reproduce(
     address: Annotated[str | None, typer.Option("--address", help="Ray address (with --backend ray).")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the experiments and exit.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and rerun everything.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Folder with real data in torchvision's layout, used with --full: "
+        "cifar-10-batches-py/ (permutation also trains ResNet-18 on CIFAR-10) and MNIST/raw/ (plasticity "
+        "adds permuted MNIST). Nothing is downloaded.")] = None,
 ) -> None:
     """Reproduce the paper's claims: figures, report.html, report.md and claims.json in OUT."""
     from .experiments import registry
@@ -38,7 +42,7 @@ def reproduce(
         raise typer.BadParameter("choose one of --quick and --full")
     size = "full" if full else "quick"
     code = run_reproduction(names or None, size=size, out=out, device=device, backend=backend,
-                            address=address, fresh=fresh)
+                            address=address, fresh=fresh, data_dir=data_dir)
     raise typer.Exit(code)
 
 

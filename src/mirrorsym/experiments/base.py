@@ -40,7 +40,8 @@ class Claim:
 
 @dataclass
 class Context:
-    """Where and how an experiment runs. ``track`` wraps an iterable with the runner's progress bar."""
+    """Where and how an experiment runs. ``track`` wraps an iterable with the runner's progress bar.
+    ``data_dir``: the user's folder of real data sets in torchvision's layout (``--data-dir``), or None."""
 
     out_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -49,6 +50,7 @@ class Context:
     size: str = "quick"
     seed: int = 0
     progress: Any = None  # rich.progress.Progress or None
+    data_dir: Path | None = None
 
     def track(self, items: Iterable, description: str = "", total: int | None = None) -> Iterator:
         if self.progress is None:

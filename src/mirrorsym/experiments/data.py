@@ -1,7 +1,11 @@
-"""Embedded data sets: scikit-learn's 8×8 digits (shipped with the package, no download)."""
+"""Embedded data sets: scikit-learn's 8×8 digits (shipped with the package, no download); and loaders for
+CIFAR-10 and MNIST when the user has them on disk in torchvision's layout (``--data-dir``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 
@@ -18,3 +22,133 @@ def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
     x, y = digits()
     x = x.reshape(-1, 1, 8, 8)
     return (x - x.mean()) / x.std(), y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real data sets the user already has on disk (``mirrorsym reproduce --data-dir DIR``), in torchvision's
+# layout, read without importing torchvision and without any download.
+
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+# per-channel mean and std of the CIFAR-10 training images (pixel values in [0, 1])
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MNIST_RAW = ("MNIST", "raw")
+MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _cifar10_folder(root: Path | str) -> Path:
+    root = Path(root)
+    return root if root.name == CIFAR10_DIR else root / CIFAR10_DIR
+
+
+def has_cifar10(root: Path | str | None) -> bool:
+    """Whether ``root`` holds CIFAR-10 in torchvision's layout (``root/cifar-10-batches-py/``)."""
+    if root is None:
+        return False
+    folder = _cifar10_folder(root)
+    return all((folder / f).is_file() for f in CIFAR10_TRAIN + CIFAR10_TEST)
+
+
+def cifar10(root: Path | str, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from torchvision's python-pickle layout: X (N, 3, 32, 32) float32, y (N,) int64 in 0..9.
+
+    ``root`` is the folder holding ``cifar-10-batches-py/`` (or that folder itself). Each batch file is a
+    pickled dict with ``data`` (uint8, (n, 3072): 1024 red, then green, then blue values, row-major 32×32)
+    and ``labels``. Pixels are scaled to [0, 1] and then standardised per channel with the usual CIFAR-10
+    training mean and std: x ← (x/255 − mean_c)/std_c. The files are pickles: load only trusted ones.
+    50 000 training images (``data_batch_1..5``) or 10 000 test images (``test_batch``)."""
+    import pickle
+
+    folder = _cifar10_folder(root)
+    xs, ys = [], []
+    for name in CIFAR10_TRAIN if train else CIFAR10_TEST:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"mirrorsym.experiments.data.cifar10: {path} not found; --data-dir must hold CIFAR-10 in "
+                f"torchvision's layout: DIR/{CIFAR10_DIR}/{{{', '.join(CIFAR10_TRAIN + CIFAR10_TEST)}}} "
+                "(the 'CIFAR-10 python version' archive, extracted)")
+        with path.open("rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.from_numpy(np.concatenate(ys))
+
+
+def _mnist_folder(root: Path | str) -> Path:
+    root = Path(root)
+    nested = root.joinpath(*MNIST_RAW)
+    return nested if nested.is_dir() else root
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def has_mnist(root: Path | str | None) -> bool:
+    """Whether ``root`` holds MNIST in torchvision's layout (``root/MNIST/raw/`` idx files, plain or .gz)."""
+    if root is None:
+        return False
+    folder = _mnist_folder(root)
+    return all(_idx_path(folder, n) is not None for names in MNIST_FILES.values() for n in names)
+
+
+def available_datasets(root: Path | str | None) -> list[str]:
+    """Which of the real data sets ``root`` holds: a sublist of ["cifar10", "mnist"]."""
+    return [name for name, has in (("cifar10", has_cifar10), ("mnist", has_mnist)) if has(root)]
+
+
+def read_idx(path: Path | str) -> np.ndarray:
+    """One idx file (LeCun's MNIST format, optionally gzipped) as a uint8 array of its stated shape.
+
+    Header: two zero bytes, a type byte (0x08 = unsigned byte, the only one MNIST uses), the number of
+    dimensions, then each dimension as a big-endian int32; then the values, row-major."""
+    import gzip
+
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"mirrorsym.experiments.data.read_idx: {path} is not an unsigned-byte idx file "
+                         f"(header {raw[:4].hex()}, expected 000008xx)")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    values = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"mirrorsym.experiments.data.read_idx: {path} states shape {shape} but holds "
+                         f"{values.size} values (truncated file?)")
+    return values.reshape(shape)
+
+
+def mnist(root: Path | str, train: bool = True, flat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST from torchvision's raw layout: X float32 with pixels scaled to [0, 1], (N, 784) if ``flat``
+    else (N, 1, 28, 28); y (N,) int64 in 0..9. 60 000 training or 10 000 test images.
+
+    ``root`` is the folder holding ``MNIST/raw/`` (or a folder holding the idx files directly); the files
+    are ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+    ``t10k-labels-idx1-ubyte``, each plain or gzipped (``.gz``)."""
+    folder = _mnist_folder(root)
+    arrays = []
+    for name in MNIST_FILES[train]:
+        path = _idx_path(folder, name)
+        if path is None:
+            raise FileNotFoundError(
+                f"mirrorsym.experiments.data.mnist: {folder / name}[.gz] not found; --data-dir must hold MNIST "
+                f"in torchvision's layout: DIR/{'/'.join(MNIST_RAW)}/{{{', '.join(sum(MNIST_FILES.values(), ()))}}}"
+                " (plain or .gz)")
+        arrays.append(read_idx(path))
+    images, labels = arrays
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"mirrorsym.experiments.data.mnist: images {images.shape} and labels {labels.shape} "
+                         f"in {folder} do not match (expected (N, 28, 28) and (N,))")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    x = x.reshape(len(x), -1) if flat else x.unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))

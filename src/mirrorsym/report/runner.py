@@ -2,9 +2,9 @@
 
 Each experiment writes into ``OUT/<name>/``: ``results.json`` (with the config it was run with) and its
 figures. A rerun with the same config loads the stored results instead of recomputing (``fresh=True``
-recomputes; so does a change to the experiment's source), so an interrupted reproduction resumes where
-it stopped. An experiment that raises is
-recorded as a failed claim and the others still run.
+recomputes; so does a change to the experiment's source or to ``--data-dir``), so an interrupted
+reproduction resumes where it stopped. An experiment that raises is recorded as a failed claim and the
+others still run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rich.table import Table
 from ..core.threads import single_threaded
 from ..experiments import registry
 from ..experiments.base import Claim, Context, config_key, to_jsonable
+from ..experiments.data import available_datasets
 from .render import write_report
 
 SIZES = ("tiny", "quick", "full")
@@ -58,6 +59,8 @@ def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     store = ctx.out_dir / "results.json"
     key = config_key(cfg) + "|code " + _source_hash(module)
+    if ctx.data_dir is not None:  # real data sets change what a full-size run computes
+        key += f"|data {ctx.data_dir} {available_datasets(ctx.data_dir)}"
     cached = None
     if store.exists() and not fresh:
         saved = json.loads(store.read_text())
@@ -81,8 +84,10 @@ def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict
 
 def run_reproduction(names: list[str] | None = None, size: str = "quick", out: Path | str = "report",
                      device: str = "auto", backend: str = "local", address: str | None = None,
-                     fresh: bool = False, console: Console | None = None) -> int:
-    """Run the named experiments (all by default) and write the report; returns 0 iff every claim passed."""
+                     fresh: bool = False, console: Console | None = None,
+                     data_dir: Path | str | None = None) -> int:
+    """Run the named experiments (all by default) and write the report; returns 0 iff every claim passed.
+    ``data_dir``: a folder with CIFAR-10 and/or MNIST in torchvision's layout, used by the full size."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if backend not in ("local", "ray"):
@@ -93,6 +98,11 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; known: {list(reg)} (mirrorsym reproduce --list)")
     dev = resolve_device(device)
+    if data_dir is not None:
+        data_dir = Path(data_dir).expanduser().resolve()
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir {data_dir} is not a directory; point it at the folder holding "
+                             "cifar-10-batches-py/ and/or MNIST/raw/ (torchvision's layout)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console = console or Console(stderr=True)
@@ -105,7 +115,7 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
             module = reg[name]
             progress.update(overall, description=f"experiments: {name}")
             ctx = Context(out_dir=out / name, device=dev, backend=backend, address=address, size=size,
-                          progress=progress)
+                          progress=progress, data_dir=data_dir)
             try:
                 sec = run_experiment(module, size, ctx, fresh)
             except KeyboardInterrupt:

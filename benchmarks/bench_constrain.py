@@ -28,6 +28,7 @@ from rich.table import Table
 from torch import nn
 
 import mirrorsym as ms
+from mirrorsym.experiments.permutation import ResNet18
 
 console = Console()
 
@@ -45,41 +46,6 @@ def cnn():
     )  # fmt: skip
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 layout for 32×32 inputs (CIFAR stem), ``width`` channels in the first stage."""
-
-    def __init__(self, width=64, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        layers, cin = [], width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            cout = width * 2**i
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
-
-
-# ----------------------------------------------------------------------------- timing
 def constrain(model, kind, x):
     """Apply one constraint in place; returns (model, optimizer-side handle or None)."""
     if kind == "plain":

@@ -51,7 +51,7 @@ class FakeExperiment:
     @staticmethod
     def claims(results, cfg):
         assert results["nan"] is None  # NaN is stored as null, fresh or cached
-        return [Claim("value is positive", "> 0", results["value"], results["value"] > 0),
+        return [Claim("value is positive: | value | > 0", "> 0", results["value"], results["value"] > 0),
                 Claim("value is huge", "> 100", results["value"], results["value"] > 100)]
 
 
@@ -66,6 +66,8 @@ def test_report_from_fake_results_resumes_and_fails_loudly(tmp_path, monkeypatch
     assert "data:image/png;base64," in html and "value is huge" in html and "NO" in html
     md = (tmp_path / "report.md").read_text()
     assert "fake/fake.png" in md and "1/2 claims passed" in md
+    row = next(line for line in md.splitlines() if "value is positive" in line)
+    assert row.count(" | ") == 5  # the "|" in the claim text is escaped: still six cells
     runner.run_reproduction(None, size="tiny", out=tmp_path, device="cpu")
     assert FakeExperiment.runs == 1  # resumed from results.json
     runner.run_reproduction(None, size="quick", out=tmp_path, device="cpu")

@@ -35,9 +35,12 @@ def write_markdown(out: Path, sections: list[dict], claims: list[dict], meta: di
     lines = ["# mirrorsym: reproduction of “Symmetry Induces Structure and Constraint of Learning”", "",
              *_header(meta), "", f"**{n_ok}/{len(claims)} claims passed.**", "",
              "| experiment | claim | predicted | measured | passed | seconds |", "|---|---|---|---|---|---|"]
+    def cell(x) -> str:  # a "|" inside a cell (e.g. |Δβ|) would split the Markdown table
+        return (x if isinstance(x, str) else _fmt(x)).replace("|", "\\|")
+
     for c in claims:
-        lines.append(f"| {c['experiment']} | {c['claim']} | {_fmt(c['predicted'])} | {_fmt(c['measured'])} | "
-                     f"{'yes' if c['passed'] else '**NO**'} | {c['seconds']:.1f} |")
+        lines.append(f"| {cell(c['experiment'])} | {cell(c['claim'])} | {cell(c['predicted'])} | "
+                     f"{cell(c['measured'])} | {'yes' if c['passed'] else '**NO**'} | {c['seconds']:.1f} |")
     for sec in sections:
         lines += ["", f"## {sec['name']}: {sec['title']}", ""]
         if sec["doc"]:

@@ -707,3 +707,20 @@ def test_random_mlps_every_group_is_exact(widths, acts, bias, norm, seed):
     n_linear_families = sum(1 for g in smap.by_kind("rotation"))
     assert n_perm + n_linear_families >= len(widths)
     assert_groups_preserve_outputs(model, x, smap)
+
+
+def test_unsupported_variant_is_cut_with_a_warning_not_invented():
+    """nn.Bilinear has a rule that declines (UnsupportedCall): nothing crosses it, and the user is told."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Bilinear(6, 6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h, h)
+
+    with pytest.warns(Warning, match="Bilinear"):
+        smap = ms.find_symmetries(M(), torch.randn(2, 4))
+    assert smap.groups == []

@@ -28,6 +28,11 @@ NONE, POS, NEG = 0, 1, 2
 ANY = POS | NEG
 
 
+class UnsupportedCall(Exception):
+    """Raised by a rule for a variant of its op that it does not analyse (e.g. grouped transposed convs).
+    The tracer then treats the call like an unknown op: everything it touches is fixed, with a warning."""
+
+
 @dataclass(eq=False)
 class TensorAxes:
     """One tensor as the detector sees it: its shape and, per dim, a list of atoms (outer to inner).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes
+from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes, UnsupportedCall
 from .registry import register_rule
 
 # ---------------------------------------------------------------------------- helpers
@@ -669,7 +669,7 @@ def _f_linear(ctx: RuleContext) -> None:
 
 @register_rule(nn.Bilinear)
 def _bilinear(ctx: RuleContext) -> None:
-    raise NotImplementedError("nn.Bilinear")
+    raise UnsupportedCall("nn.Bilinear")
 
 
 def _conv_core(ctx: RuleContext, x, w, b, y, groups: int, transposed: bool = False) -> None:
@@ -710,7 +710,7 @@ def _conv(ctx: RuleContext) -> None:
     m = ctx.module
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     if transposed and m.groups != 1:
-        raise NotImplementedError("grouped transposed convolution")
+        raise UnsupportedCall("grouped transposed convolution")
     _conv_core(ctx, _x(ctx), ctx.param("weight"), ctx.param("bias"), _y(ctx), m.groups, transposed)
 
 
@@ -960,7 +960,7 @@ def _attention_core(ctx: RuleContext, q_in, k_in, v_in, out, weights, E: int, H:
 def _mha(ctx: RuleContext) -> None:
     m = ctx.module
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-        raise NotImplementedError("MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn")
+        raise UnsupportedCall("MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn")
     names = ["query", "key", "value"]
     q, k, v = (ctx.args[i] if i < len(ctx.args) else ctx.kwargs[n] for i, n in enumerate(names))
     for name, i in (("key_padding_mask", 3), ("attn_mask", 5)):

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .slices import Params, Slice, check_disjoint, gather, parse_spec, scatter, spec_of
+from .finite import check_finite
+from .slices import Params, Slice, check_disjoint, check_shapes, gather, parse_spec, scatter, spec_of
 
 ORTHONORMAL_TOL = 1e-5
 
@@ -94,17 +95,24 @@ class Mirror:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def sign_flip(cls, spec: Mapping[str, object]) -> Mirror:
-        """Negate every coordinate of ``spec``: O = I there; the surface is "these coordinates are 0"."""
+    def sign_flip(cls, spec: Mapping[str, object], *, like: Params | None = None) -> Mirror:
+        """Negate every coordinate of ``spec``: O = I there; the surface is "these coordinates are 0".
+
+        ``like``: parameters (or shapes) by name; when given, dims and index ranges are checked now
+        rather than at first use."""
         slices = parse_spec(spec)
         check_disjoint(slices)
+        if like is not None:
+            check_shapes(slices, like)
         return cls((_Block("sign", slices),))
 
     @classmethod
-    def swap(cls, spec_a: Mapping[str, object], spec_b: Mapping[str, object]) -> Mirror:
+    def swap(cls, spec_a: Mapping[str, object], spec_b: Mapping[str, object], *,
+             like: Params | None = None) -> Mirror:
         """Exchange the slices of ``spec_a`` with those of ``spec_b`` (same names, same slice shapes).
 
         O has one column (e_a − e_b)/√2 per exchanged coordinate pair; the surface is "a equals b".
+        ``like`` as in :meth:`sign_flip`.
         """
         a, b = parse_spec(spec_a), parse_spec(spec_b)
         if [s.name for s in a] != [s.name for s in b]:
@@ -119,12 +127,16 @@ class Mirror:
                     f"indices vs dim {sb.dim}, {len(sb.indices)} indices); swapped slices must match"
                 )
         check_disjoint(a + b)
+        if like is not None:
+            check_shapes(a + b, like)
         return cls((_Block("swap", a + b),))
 
     @classmethod
-    def from_basis(cls, O: torch.Tensor, spec: Mapping[str, object], tol: float = ORTHONORMAL_TOL) -> Mirror:
-        """General mirror: ``O`` of shape (n, k) with orthonormal columns over the n coordinates of
-        ``spec`` (in spec order, each slice flattened row-major)."""
+    def from_basis(cls, O: torch.Tensor, spec: Mapping[str, object], tol: float = ORTHONORMAL_TOL, *,
+                   like: Params | None = None) -> Mirror:
+        """General mirror: ``O`` of shape (n, k), 1 ≤ k ≤ n, finite, with orthonormal columns over the n
+        coordinates of ``spec`` (in spec order, each slice flattened row-major). ``like``: parameters (or
+        shapes) by name; when given, n is checked against the spec now, else at first use."""
         slices = parse_spec(spec)
         check_disjoint(slices)
         O = torch.as_tensor(O)
@@ -132,6 +144,15 @@ class Mirror:
             O = O[:, None]
         if O.dim() != 2 or not O.dtype.is_floating_point:
             raise ValueError(f"O must be a floating (n, k) matrix, got dtype {O.dtype}, shape {tuple(O.shape)}")
+        if O.shape[1] == 0 or O.shape[0] < O.shape[1]:
+            raise ValueError(f"O must have 1 <= k <= n columns, got shape {tuple(O.shape)}: a mirror reflects "
+                             "at least one direction and at most as many as there are coordinates")
+        check_finite({"O": O}, "basis")
+        if like is not None:
+            n = check_shapes(slices, like)
+            if n != O.shape[0]:
+                raise ValueError(f"O has {O.shape[0]} rows but the spec names {n} coordinates; O needs one row "
+                                 "per coordinate, in spec order")
         gram = O.T.double() @ O.double()
         err = (gram - torch.eye(O.shape[1], dtype=torch.float64)).abs().max().item()
         if err > tol:
@@ -232,20 +253,38 @@ def check_invariance(fn, params: Params, mirror: Mirror) -> float:
 
     ``fn(params)`` returns a Tensor, or a tuple/list/dict of Tensors. For each output y the change is
     max|y(Rθ) − y(θ)| / max(max|y(θ)|, tiny); the result is the largest over the outputs. Run it in
-    float64 to see round-off (~1e-15) for a true symmetry.
+    float64 to see round-off (~1e-15) for a true symmetry. Non-finite parameters or outputs raise
+    :class:`~mirrorsym.core.finite.NonFiniteError` (a NaN must never read as "invariant"); an output
+    that turns non-finite only after the reflection counts as an infinite change.
     """
+    check_finite({n: t for n, t in params.items() if n in {s.name for s in mirror.slices}}, "parameter")
     with torch.no_grad():
-        before = _flatten_outputs(fn(dict(params)))
-        after = _flatten_outputs(fn(mirror.reflect(params)))
-    if len(before) != len(after):
-        raise ValueError("fn returned a different number of outputs after the reflection")
+        before = fn(dict(params))
+        after = fn(mirror.reflect(params))
+    return output_change(before, after)
+
+
+def output_change(before, after) -> float:
+    """max over outputs of max|after − before| / max(max|before|, tiny): the relative change that every
+    invariance check in mirrorsym reports. Integer outputs count 0 if equal, else ∞. Non-finite
+    ``before`` raises :class:`~mirrorsym.core.finite.NonFiniteError`; non-finite ``after`` is ∞."""
+    ys0, ys1 = _flatten_outputs(before), _flatten_outputs(after)
+    if len(ys0) != len(ys1):
+        raise ValueError(f"the function returned {len(ys0)} outputs before and {len(ys1)} after the change")
+    check_finite([(f"output {i} (shape {tuple(y.shape)})", y) for i, y in enumerate(ys0)], "model")
     worst = 0.0
-    for y0, y1 in zip(before, after, strict=True):
+    for y0, y1 in zip(ys0, ys1, strict=True):
         if y0.shape != y1.shape:
-            raise ValueError(f"fn's output changed shape under the reflection: {tuple(y0.shape)} vs {tuple(y1.shape)}")
-        scale = max(y0.abs().max().item() if y0.numel() else 0.0, torch.finfo(y0.dtype).tiny)
-        diff = (y1 - y0).abs().max().item() if y0.numel() else 0.0
-        worst = max(worst, diff / scale)
+            raise ValueError(f"an output changed shape: {tuple(y0.shape)} vs {tuple(y1.shape)}")
+        if y0.numel() == 0:
+            continue
+        if not y0.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(y0, y1) else math.inf)
+            continue
+        if not bool(torch.isfinite(y1).all()):
+            return math.inf
+        scale = max(float(y0.abs().max()), torch.finfo(y0.dtype).tiny)
+        worst = max(worst, float((y1 - y0).abs().max()) / scale)
     return worst
 
 

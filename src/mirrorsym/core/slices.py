@@ -1,14 +1,24 @@
 """Slice specs: the named pieces of parameter tensors that a mirror touches.
 
-A slice spec is ``{name: (dim, indices)}``; a bare index list means ``dim = 0``. ``indices`` may be a
-list of ints, a ``range``, a 1-D integer tensor or a single int. The coordinates a spec names are, in
-order: for each name in the dict's order, the sub-tensor ``t.index_select(dim, indices)`` flattened in
-row-major order. Batched tensors carry ``batch_dims`` leading dimensions that every spec skips.
+A slice spec is a non-empty dict ``{name: entry}``. The accepted entries, and nothing else:
+
+* ``(dim, indices)``: a 2-tuple whose first item is an int ``dim ≥ 0``: the positions ``indices`` along
+  ``dim``. ``{"fc1.weight": (1, 3)}`` is column 3 of ``fc1.weight``; ``(1, [3, 5])`` columns 3 and 5.
+* ``indices`` alone (a list, a ``range``, a 1-D integer tensor or array, or a single int): ``dim = 0``.
+
+``indices`` are non-negative Python/NumPy/torch integers (floats and bools are refused, never
+truncated), at least one, none repeated. A bare tuple of ints other than ``(dim, indices)`` is refused
+as ambiguous: write indices as a list. The coordinates a spec names are, in order: for each name in the
+dict's order, the sub-tensor ``t.index_select(dim, indices)`` flattened in row-major order. Batched
+tensors carry ``batch_dims`` leading dimensions that every spec skips. Ranges (``dim`` exists, indices
+below its size) are checked against real shapes by :func:`check_shapes` (at construction when a mirror
+is given ``like=``) and at every use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,42 +58,81 @@ class Slice:
             )
 
 
+def _is_int(x) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.dtype.is_floating_point and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral)
+
+
 def _as_indices(name: str, idx) -> tuple[int, ...]:
-    if isinstance(idx, int):
-        return (idx,)
-    if isinstance(idx, torch.Tensor):
-        if idx.dtype.is_floating_point or idx.dim() > 1:
-            raise TypeError(f"slice of {name!r}: indices must be a 1-D integer tensor, got {idx.dtype} "
-                            f"of shape {tuple(idx.shape)}")
-        return tuple(int(i) for i in idx.reshape(-1).tolist())
-    try:
-        out = tuple(int(i) for i in idx)
-    except TypeError as exc:
-        raise TypeError(f"slice of {name!r}: indices must be ints, got {idx!r}") from exc
-    return out
+    if _is_int(idx):
+        return (int(idx),)
+    if isinstance(idx, torch.Tensor) or hasattr(idx, "__array__"):
+        t = torch.as_tensor(idx)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() != 1:
+            raise TypeError(f"slice of {name!r}: indices must be a 1-D integer tensor/array, got {t.dtype} "
+                            f"of shape {tuple(t.shape)}")
+        return tuple(int(i) for i in t.tolist())
+    if isinstance(idx, (str, bytes, Mapping)) or not isinstance(idx, Iterable):
+        raise TypeError(f"slice of {name!r}: indices must be ints (a list, range or integer tensor), got {idx!r}")
+    items = list(idx)
+    bad = [i for i in items if not _is_int(i)]
+    if bad:
+        raise TypeError(f"slice of {name!r}: indices must be integers, got {bad[:3]!r} (floats are not "
+                        "truncated: convert them explicitly)")
+    return tuple(int(i) for i in items)
+
+
+def _entry(name: str, entry) -> tuple[int, object]:
+    """``(dim, indices)`` of one spec entry (see the module docstring for the accepted forms)."""
+    if isinstance(entry, tuple):
+        if len(entry) != 2 or not _is_int(entry[0]):
+            raise ValueError(
+                f"slice of {name!r}: a tuple must be (dim, indices) with an int dim, got {entry!r}; "
+                "write bare indices as a list, e.g. [1, 3]"
+            )
+        return int(entry[0]), entry[1]
+    return 0, entry
 
 
 def parse_spec(spec: Mapping[str, object]) -> tuple[Slice, ...]:
-    """Turn ``{name: (dim, indices)}`` or ``{name: indices}`` into checked :class:`Slice` objects."""
+    """Turn a slice spec (module docstring) into validated :class:`Slice` objects."""
     if not isinstance(spec, Mapping) or not spec:
         raise ValueError(f"a slice spec is a non-empty dict {{name: (dim, indices)}}, got {spec!r}")
     out = []
     for name, entry in spec.items():
         if not isinstance(name, str):
             raise TypeError(f"slice spec keys are parameter names (str), got {name!r}")
-        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int) and not isinstance(
-            entry[1], int
-        ):
-            dim, idx = entry
-        else:
-            dim, idx = 0, entry
+        dim, idx = _entry(name, entry)
+        if dim < 0:
+            raise ValueError(f"slice of {name!r}: dim must be >= 0, got {dim}")
         indices = _as_indices(name, idx)
         if not indices:
             raise ValueError(f"slice of {name!r} selects no indices")
+        if min(indices) < 0:
+            raise ValueError(f"slice of {name!r}: indices must be >= 0, got {[i for i in indices if i < 0][:5]}")
         if len(set(indices)) != len(indices):
             raise ValueError(f"slice of {name!r} repeats an index: {list(indices)}")
-        out.append(Slice(name, int(dim), indices))
+        out.append(Slice(name, dim, indices))
     return tuple(out)
+
+
+def check_shapes(slices: Sequence[Slice], like: Mapping[str, object]) -> int:
+    """Check every slice against the shapes in ``like`` (tensors or shapes by name); returns the number
+    of coordinates the slices name."""
+    total = 0
+    for s in slices:
+        if s.name not in like:
+            names = list(like)
+            more = "..." if len(names) > 8 else ""
+            raise KeyError(f"the spec names {s.name!r}, which is not among {names[:8]}{more}")
+        t = like[s.name]
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+        s.check(shape)
+        total += s.numel(shape)
+    return total
 
 
 def check_disjoint(slices: Sequence[Slice]) -> None:

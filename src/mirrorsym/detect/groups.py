@@ -71,9 +71,8 @@ class SymmetryGroup:
     members: list[Member]
     layers: list[str]
     signs: bool = True  # for bn_scale: whether sign flips are included
-    # verification: max relative output change (float64, eval mode) of the check this group passed; groups
-    # are first checked together (one random element of each, composed), so it may be that joint value.
-    # SymmetryMap.verify measures each group alone.
+    # verification: max relative output change (float64, eval mode) after one non-identity element of
+    # this group alone
     error: float | None = None
     label: str = ""
     notes: list[str] = field(default_factory=list)
@@ -114,14 +113,18 @@ class SymmetryGroup:
 
     # ------------------------------------------------------------------ elements
     def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A random element: a permutation (n,) long, a diagonal (n,) float64, or Q (n, n) float64."""
+        """A random element that is never the identity: a permutation (n,) long that moves at least two
+        units, a diagonal (n,) float64 (sign flips: at least one −1; scalings: log-normal factors, ≠ 1
+        almost surely), or a Haar rotation Q (n, n) float64 with Q ≠ I."""
         n = self.size
         if self.kind == "permutation":
-            return torch.randperm(n, generator=generator)
+            return _moving_permutation(n, generator)
         if self.kind == "rotation":
-            return haar_orthogonal(1, n, generator)[0]
+            return _non_identity(haar_orthogonal(1, n, generator)[0])
         scale = torch.exp(0.5 * torch.randn(n, generator=generator, dtype=torch.float64))
         sign = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        if bool((sign > 0).all()):
+            sign[torch.randint(n, (1,), generator=generator)] = -1.0
         if self.kind == "sign_flip":
             return sign
         if self.kind == "rescale" or (self.kind == "bn_scale" and not self.signs):
@@ -320,8 +323,24 @@ def haar_orthogonal(count: int, n: int, generator: torch.Generator | None = None
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
+def _moving_permutation(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniformly random permutation conditioned on not being the identity (n ≥ 2)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if n < 2 or not torch.equal(perm, torch.arange(n)):
+            return perm
+
+
+def _non_identity(q: torch.Tensor) -> torch.Tensor:
+    """``q`` unless it is (numerically) the identity, then the reflection of its first axis."""
+    if torch.allclose(q, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-6):
+        q = q.clone()
+        q[:, 0] = -q[:, 0]
+    return q
+
+
 def random_elements(groups: list[SymmetryGroup], generator: torch.Generator | None = None) -> list:
-    """One random element per group, drawing the rotations of each size in one batched QR."""
+    """One random non-identity element per group, drawing the rotations of each size in one batched QR."""
     out: list = [None] * len(groups)
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -331,7 +350,7 @@ def random_elements(groups: list[SymmetryGroup], generator: torch.Generator | No
             out[i] = g.random_element(generator=generator)
     for n, idx in sorted(by_size.items()):
         for i, q in zip(idx, haar_orthogonal(len(idx), n, generator), strict=True):
-            out[i] = q
+            out[i] = _non_identity(q)
     return out
 
 

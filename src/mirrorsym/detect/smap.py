@@ -10,22 +10,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.mirror import _flatten_outputs
+from ..core.mirror import output_change
 from .groups import SymmetryGroup
-
-
-def output_change(before, after) -> float:
-    """max over outputs of max|after − before| / max|before| (the convention of core.check_invariance)."""
-    ys0, ys1 = _flatten_outputs(before), _flatten_outputs(after)
-    worst = 0.0
-    for y0, y1 in zip(ys0, ys1, strict=True):
-        if not y0.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(y0, y1) else float("inf"))
-            continue
-        scale = max(float(y0.abs().max()) if y0.numel() else 0.0, torch.finfo(y0.dtype).tiny)
-        diff = float((y1 - y0).abs().max()) if y0.numel() else 0.0
-        worst = max(worst, diff / scale)
-    return worst
 
 
 @dataclass
@@ -54,23 +40,23 @@ class SymmetryMap:
             out[g.kind] = out.get(g.kind, 0) + 1
         return out
 
-    def verify(self, model: nn.Module, example_inputs, seed: int = 0) -> pd.DataFrame:
-        """One row per group: the max relative output change after one random element (generator
-        seeded with ``seed``), applied to a float64 eval-mode copy of ``model`` (``model`` is untouched)."""
-        from .find import float64_eval_copy, restored, to_float64
+    def verify(self, model: nn.Module, example_inputs, seed: int = 0, example_kwargs: dict | None = None
+               ) -> pd.DataFrame:
+        """One row per group: the max relative output change after one random element of that group
+        alone (generator seeded with ``seed``; never the identity), applied to a float64 eval-mode copy
+        of ``model`` (``model`` is untouched). Non-finite weights or inputs raise
+        :class:`~mirrorsym.core.finite.NonFiniteError`."""
+        from .find import restored, verification_baseline
 
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        base = float64_eval_copy(model)
-        xs = to_float64(inputs)
+        base, forward = verification_baseline(model, inputs, example_kwargs)
         gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            y0 = base(*xs)
+        y0 = forward()
         rows = []
         for g in self.groups:
             with restored(base, [g]):
                 g.apply_(base, g.random_element(generator=gen))
-                with torch.no_grad():
-                    err = output_change(y0, base(*xs))
+                err = output_change(y0, forward())
             rows.append({"group": g.label, "kind": g.kind, "size": g.size, "max_rel_change": err})
         return pd.DataFrame(rows, columns=["group", "kind", "size", "max_rel_change"])
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.finite import check_finite
+
 ACTIVATIONS = (
     nn.ReLU,
     nn.ReLU6,
@@ -65,7 +67,14 @@ def batch_rows(x) -> int:
 
 
 def iter_batches(data, batch_size: int = 256) -> Iterator[tuple[tuple, torch.Tensor | None]]:
-    """Yield ``(model_args, labels_or_None)`` from any accepted data form (module docstring)."""
+    """Yield ``(model_args, labels_or_None)`` from any accepted data form (module docstring); a batch
+    with NaN/Inf inputs raises :class:`~mirrorsym.core.finite.NonFiniteError` naming it."""
+    for i, (args, y) in enumerate(_batches(data, batch_size)):
+        check_finite([(f"batch {i} input {j}", a) for j, a in enumerate(args)], "probe data")
+        yield args, y
+
+
+def _batches(data, batch_size: int) -> Iterator[tuple[tuple, torch.Tensor | None]]:
     if isinstance(data, torch.Tensor):
         data = (data,)
         labelled = False

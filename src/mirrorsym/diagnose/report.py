@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..core.finite import check_module_finite
 from . import metrics as M
 from . import probe
 from .units import (
@@ -481,6 +482,7 @@ def diagnose(
     for name in (classifier, embedding):
         if name is not None:
             probe.get_module(model, name)
+    check_module_finite(model)  # NaN weights would read as "not dead, not duplicated"
     if symmetries is None:
         symmetries = default_symmetries(model, example_inputs)
     table, spectra, correlations = group_table(model, symmetries, rtol, keep_plots=plots, progress=progress)

@@ -9,10 +9,12 @@ the mirror's surface S, where the theorem speaks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..core.finite import NonFiniteError, check_finite
 from ..core.hessian import ProjectedHessian, checked_loss, gradient, lanczos_min_eig
 from ..core.mirror import Mirror
 from ..core.slices import Params
@@ -57,13 +59,23 @@ def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool =
                         max_hvps: int = 100, tol: float = 1e-10,
                         generator: torch.Generator | None = None) -> CurvatureResult:
     """λ_O = λ_min(Oᵀ∇²L O): dense for k ≤ 64 (k HVPs), Lanczos otherwise (≤ ``max_hvps`` HVPs)."""
+    check_finite(params, "parameter")
     op = projected_hessian(loss_fn, params, mirror, project)
     if op.k <= DENSE_MAX_K:
-        lam = torch.linalg.eigvalsh(op.to_dense().double())[0].item()
-        return CurvatureResult(lam, op.hvp.calls, "dense")
-    lam, _ = lanczos_min_eig(op.matvec, op.k, op.dtype, op.device, max_iter=max_hvps, tol=tol,
-                             generator=generator)
-    return CurvatureResult(lam, op.hvp.calls, "lanczos")
+        H = op.to_dense().double()
+        lam = torch.linalg.eigvalsh(H)[0].item() if bool(torch.isfinite(H).all()) else math.nan
+        method = "dense"
+    else:
+        lam, _ = lanczos_min_eig(op.matvec, op.k, op.dtype, op.device, max_iter=max_hvps, tol=tol,
+                                 generator=generator)
+        method = "lanczos"
+    if not math.isfinite(lam):
+        raise NonFiniteError(
+            f"the projected Hessian of {mirror!r} is not finite at these parameters (the loss or its "
+            "curvature is NaN/Inf there), so γ_c is undefined; check the loss value and the data"
+        )
+    return CurvatureResult(lam, op.hvp.calls, method)
+
 
 
 def critical_weight_decay(loss_fn, params: Params, mirror: Mirror, project: bool = True,

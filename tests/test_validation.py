@@ -234,3 +234,54 @@ def test_random_specs_match_a_dense_reference(sp, seed):
     for name in params:  # coordinates outside the spec never move
         if name not in spec:
             assert torch.equal(m.reflect(params)[name], params[name])
+
+
+# ---------------------------------------------------------------- constrain, meta device, small samples
+def relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def test_units_gates_are_not_stacked_twice():
+    model, x = relu_mlp(), torch.randn(5, 4)
+    ms.constrain.apply(model, x, kind="units")
+    with pytest.raises(ValueError, match="already carry unit gates"):
+        ms.constrain.apply(model, x, kind="units")
+    other = relu_mlp()
+    ms.constrain.apply(other, x, kind="sparse")
+    with pytest.raises(ValueError, match="already has a parametrization"):
+        ms.constrain.apply(other, x, kind="sparse")
+
+
+def test_nothing_to_constrain_is_an_error_not_an_empty_list():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    for kind, match in (("sparse", "no Linear, Conv1d"), ("low_rank", "no Linear module")):
+        with pytest.raises(ValueError, match=match):
+            ms.constrain.apply(Scale(), torch.randn(2, 3), kind=kind)
+
+
+def test_meta_device_models_are_refused_by_name():
+    with torch.device("meta"):
+        model = relu_mlp()
+    x = torch.randn(5, 4)
+    for call in (lambda: ms.find_symmetries(model, x), lambda: ms.diagnose(model, x),
+                 lambda: ms.constrain.apply(model, x, kind="sparse")):
+        with pytest.raises(ValueError, match=r"0\.weight, 0\.bias, 2\.weight and 1 more .* meta device"):
+            call()
+
+
+def test_too_few_probe_rows_are_said_not_counted_as_collapse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    x, y = torch.randn(10, 64), torch.arange(10)
+    with pytest.warns(UserWarning, match="64 dimensions but only 10 probe rows"):
+        rep = ms.diagnose(model, x[:2], data=(x, y))
+    line = next(ln for ln in rep.summary().splitlines() if ln.startswith("embedding covariance"))
+    assert "0 of 9 measurable eigenvalues" in line and "the other 55 of 64 are 0 only because 10 rows" in line

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.finite import check_materialized
 from ._checks import warn_if_in_optimizer
 from .parametrizations import low_rank, sparse
 from .units import BATCHNORMS, CONVS, UnitGroup, unit_groups
@@ -85,6 +86,23 @@ def gate_group(model: nn.Module, group: UnitGroup, optimizer=None) -> nn.Paramet
     return gate
 
 
+def _refuse_gated(model: nn.Module, groups: list[UnitGroup]) -> None:
+    gated = []
+    for group in groups:
+        for entry in group.entries:
+            module, name = _resolve(model, entry.name)
+            if parametrize.is_parametrized(module, name) and any(
+                isinstance(p, UnitGate) for p in module.parametrizations[name]
+            ):
+                gated.append(entry.name)
+    if gated:
+        raise ValueError(
+            f"{', '.join(sorted(set(gated))[:3])} already carry unit gates: apply(kind='units') was called on "
+            "this model before, and a second call would stack a second gate on every unit. Call it once per "
+            "model, or bake the gates in first with ms.constrain.export(model)"
+        )
+
+
 def apply(
     model: nn.Module,
     example_inputs=None,
@@ -102,8 +120,11 @@ def apply(
       * ``"sparse"``: elementwise DCS on the weight of every Linear / Conv; returns the module paths.
       * ``"low_rank"``: low-rank DCS on the weight of every Linear; returns the module paths.
 
-    Use coupled weight decay on the result (see :func:`weight_decay_for`, :func:`param_groups`).
+    Use coupled weight decay on the result (see :func:`weight_decay_for`, :func:`param_groups`). A model
+    whose unit tensors already carry a :class:`UnitGate` is refused (a second call would stack a second
+    gate), and so is a model with nothing of the requested kind to constrain.
     """
+    check_materialized(model)
     if kind == "units":
         found = unit_groups(model, example_inputs, groups=groups, source=source)
         if not found:
@@ -111,6 +132,7 @@ def apply(
                 "apply(kind='units') found no permutation unit group in the model: no Sequential "
                 "chain Linear/Conv → ... → Linear/Conv; pass groups= explicitly"
             )
+        _refuse_gated(model, found)
         for group in found:
             gate_group(model, group, optimizer)
         return found
@@ -121,5 +143,9 @@ def apply(
             if isinstance(module, targets) and not isinstance(module, BATCHNORMS):
                 (sparse if kind == "sparse" else low_rank)(module, "weight", optimizer=optimizer)
                 done.append(path)
+        if not done:
+            names = ", ".join(t.__name__ for t in targets)
+            raise ValueError(f"apply(kind={kind!r}) found no {names} module in {type(model).__name__}; constrain "
+                             "individual tensors with ms.constrain.sparse(module, 'weight') instead")
         return done
     raise ValueError(f"kind must be 'units', 'sparse' or 'low_rank', got {kind!r}")

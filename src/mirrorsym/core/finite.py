@@ -48,7 +48,20 @@ def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch
         )
 
 
+def check_materialized(model: torch.nn.Module) -> None:
+    """Refuse parameters or buffers on the ``meta`` device (shapes without values) by name."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if meta:
+        more = f" and {len(meta) - 3} more" if len(meta) > 3 else ""
+        raise ValueError(
+            f"{', '.join(meta[:3])}{more} of {type(model).__name__} are on the meta device (shapes without "
+            "values, e.g. a model built under torch.device('meta')); materialise them first, e.g. "
+            "model.to_empty(device='cpu') and then load or initialise the weights"
+        )
+
+
 def check_module_finite(model: torch.nn.Module) -> None:
-    """Every parameter and buffer of ``model`` is finite (else :class:`NonFiniteError` naming them)."""
+    """Every parameter and buffer of ``model`` is real (not meta) and finite (else an error naming them)."""
+    check_materialized(model)
     check_finite(model.named_parameters(), "parameter")
     check_finite(model.named_buffers(), "buffer")

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..core.finite import check_finite, check_module_finite
+from ..core.finite import check_finite, check_materialized, check_module_finite
 from ..core.mirror import _flatten_outputs, output_change
 from .context import ANY, NEG, NONE, POS
 from .groups import Member, SymmetryGroup, random_elements
@@ -33,6 +33,7 @@ def find_symmetries(
     is random and train-mode BatchNorm uses batch statistics; the groups hold in train mode as well
     (in distribution for dropout, up to BatchNorm's eps for bn_scale).
     """
+    check_materialized(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     det = Detector(model)
     det.run(inputs)

@@ -25,6 +25,7 @@ encoder means and log-variances. See probe.py for the data forms and for train/e
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -424,6 +425,14 @@ def probe_data(
         out["neural_collapse"] = _nc_metrics(feat, lab, clf)
     if emb is not None and emb.shape[0] >= 2:
         out["embedding_spectrum"] = M.embedding_spectrum(emb).cpu().numpy()
+        if emb.shape[0] <= emb[0].numel():
+            warnings.warn(
+                f"diagnose: the embedding has {emb[0].numel()} dimensions but only {emb.shape[0]} probe rows, so "
+                f"at most {emb.shape[0] - 1} covariance eigenvalues can be non-zero whatever the model; pass at "
+                f"least {emb[0].numel() + 1} rows of data for a meaningful dimensional-collapse count",
+                UserWarning,
+                stacklevel=3,
+            )
     return out
 
 

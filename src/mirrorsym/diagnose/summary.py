@@ -70,9 +70,15 @@ def summarize(rep) -> str:
         lines.append(f"neural collapse at the input of {rep.meta.get('classifier')}: " + ", ".join(parts))
     if rep.embedding_spectrum is not None and len(rep.embedding_spectrum):
         ev = rep.embedding_spectrum
-        top = float(ev.max()) if len(ev) else 0.0
-        small = int((ev <= 1e-6 * top).sum()) if top > 0 else len(ev)
-        lines.append(f"embedding covariance: {small} of {len(ev)} eigenvalues below 1e-6 x the largest")
+        rows = rep.meta.get("rows")
+        measurable = min(len(ev), rows - 1) if rows else len(ev)  # rank(cov of N rows) <= N - 1
+        top = float(ev.max())
+        small = int((ev[:measurable] <= 1e-6 * top).sum()) if top > 0 else measurable
+        line = f"embedding covariance: {small} of {measurable} measurable eigenvalues below 1e-6 x the largest"
+        if measurable < len(ev):
+            line += (f"; the other {len(ev) - measurable} of {len(ev)} are 0 only because {rows} rows cannot span "
+                     f"{len(ev)} dimensions (probe at least {len(ev) + 1} rows)")
+        lines.append(line)
     if rep.posterior is not None:
         p = rep.posterior
         lines.append(

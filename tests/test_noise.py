@@ -52,7 +52,7 @@ def call(problem, **kw):
 @pytest.mark.parametrize("b,lr,gamma", [(1, 0.1, 0.0), (2, 0.3, 0.0), (3, 0.25, 0.1), (2, 1.5, 0.0)])
 def test_hadamard_lambda_equals_enumeration_of_all_minibatches(b, lr, gamma):
     prob = hadamard_problem()
-    lam = call(prob, lr=lr, batch_size=b, weight_decay=gamma)
+    lam = call(prob, lr=lr, batch_size=b, gamma=gamma)
     assert lam.method == "exact" and lam.stderr == 0.0 and lam.num_samples == math.comb(12, b)
     assert lam.value == pytest.approx(hadamard_reference(prob, lr, b, gamma), abs=1e-12)
 
@@ -70,7 +70,7 @@ def test_sampled_estimates_agree_with_enumeration_within_their_error():
                 prob.data,
                 lr=lr,
                 batch_size=b,
-                weight_decay=0.0,
+                gamma=0.0,
                 num_samples=20000,
                 generator=g,
                 method=method,
@@ -112,7 +112,7 @@ def test_critical_learning_rate_is_the_sign_change_and_second_order_matches_enum
     prob = hadamard_problem()
     for b in (1, 2):
         eta = critical_learning_rate(
-            prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=b, weight_decay=0.0
+            prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=b, gamma=0.0
         )
         assert np.isfinite(eta.value) and eta.value > 0
         assert (
@@ -131,7 +131,7 @@ def test_no_saddle_means_collapse_at_every_small_lr():
     """Decay above the threshold (μ = E[h] + 2γ > 0): η_c = 0, no second-order estimate, Λ < 0 at small η."""
     prob = hadamard_problem()
     eta = critical_learning_rate(
-        prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=2, weight_decay=0.5
+        prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=2, gamma=0.5
     )
     assert eta.mu > 0 and eta.value == 0.0 and math.isnan(eta.second_order)
     assert hadamard_reference(prob, 0.01, 2, 0.5) < 0
@@ -215,12 +215,12 @@ def power_iteration_lambda(H: np.ndarray, lr: float, b: int, gamma: float, steps
 def test_qr_lambda_matches_an_independent_power_iteration(b, lr):
     prob = dead_neuron_problem()
     H = closed_form_b_blocks(prob)
-    ref, ref_err = power_iteration_lambda(H, lr, b, prob.weight_decay, 20000, seed=11)
+    ref, ref_err = power_iteration_lambda(H, lr, b, prob.gamma, 20000, seed=11)
     lam = call(
         prob,
         lr=lr,
         batch_size=b,
-        weight_decay=prob.weight_decay,
+        gamma=prob.gamma,
         num_samples=20000,
         generator=torch.Generator().manual_seed(5),
     )
@@ -238,12 +238,12 @@ def test_second_order_formula_deviates_where_the_noise_is_strong():
         prob.mirror,
         prob.data,
         batch_size=1,
-        weight_decay=prob.weight_decay,
+        gamma=prob.gamma,
         generator=torch.Generator().manual_seed(2),
     )
     assert (eta.value - eta.second_order) / eta.value > 0.15, eta
     ref, err = power_iteration_lambda(
-        closed_form_b_blocks(prob), eta.second_order, 1, prob.weight_decay, 20000, 4
+        closed_form_b_blocks(prob), eta.second_order, 1, prob.gamma, 20000, 4
     )
     assert ref > 4 * err, (ref, err)
 
@@ -264,7 +264,7 @@ def test_estimates_are_reproducible_with_a_generator():
             prob,
             lr=0.2,
             batch_size=1,
-            weight_decay=0.4,
+            gamma=0.4,
             num_samples=2000,
             generator=torch.Generator().manual_seed(9),
         )
@@ -290,7 +290,7 @@ def test_hadamard_collapse_boundary_matches_simulated_sgd():
 def test_swap_boundary_at_batch_three_matches_simulated_sgd():
     prob = swap_problem()
     eta = critical_learning_rate(
-        prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=3, weight_decay=prob.weight_decay
+        prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=3, gamma=prob.gamma
     )
     lrs = np.geomspace(0.3 * eta.value, 1.2 * eta.upper, 20)
     sim = simulate_collapse(prob, lrs, 3, 32, 3000, torch.Generator().manual_seed(1))
@@ -343,7 +343,7 @@ def test_bad_inputs_fail_clearly():
             prob.data,
             lr=0.1,
             batch_size=2,
-            weight_decay=0.1,
+            gamma=0.1,
         )
 
 

@@ -78,7 +78,7 @@ class NoiseProblem:
     params: dict
     mirror: Mirror
     data: tuple
-    weight_decay: float
+    gamma: float
 
 
 def _quantiles(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -133,7 +133,7 @@ def _dead_network(hidden: int = 3) -> dict:
     }
 
 
-def dead_neuron_problem(seed: int = 0, n: int = 12, weight_decay: float = 0.4) -> NoiseProblem:
+def dead_neuron_problem(seed: int = 0, n: int = 12, gamma: float = 0.4) -> NoiseProblem:
     """Closed form B: a tanh network with every unit dead; the mirror flips the sign of unit 0."""
     return NoiseProblem(
         "dead_neuron",
@@ -141,11 +141,11 @@ def dead_neuron_problem(seed: int = 0, n: int = 12, weight_decay: float = 0.4) -
         _dead_network(),
         Mirror.sign_flip(_unit(0)),
         _tanh_data(seed, n, 0.2),
-        weight_decay,
+        gamma,
     )
 
 
-def swap_problem(seed: int = 2, n: int = 12, weight_decay: float = 0.3) -> NoiseProblem:
+def swap_problem(seed: int = 2, n: int = 12, gamma: float = 0.3) -> NoiseProblem:
     """Units 1 and 2 of a dead tanh network are duplicates; the mirror swaps them."""
     return NoiseProblem(
         "swap",
@@ -153,7 +153,7 @@ def swap_problem(seed: int = 2, n: int = 12, weight_decay: float = 0.3) -> Noise
         _dead_network(),
         Mirror.swap(_unit(1), _unit(2)),
         _tanh_data(seed, n, 0.3),
-        weight_decay,
+        gamma,
     )
 
 
@@ -207,7 +207,7 @@ def simulate_collapse(
         ).sum()  # copies are independent: Σ_K gives each its grad
         grads = torch.autograd.grad(total, list(leaves.values()))
         P = {
-            name: v - _per_copy(lr, v) * (gr + 2 * problem.weight_decay * v)
+            name: v - _per_copy(lr, v) * (gr + 2 * problem.gamma * v)
             for (name, v), gr in zip(P.items(), grads, strict=True)
         }
         if t % check_every == 0:
@@ -238,7 +238,7 @@ def lr_grid(curv: MinibatchCurvature, cfg: Config, gamma: float, gen_seed: int) 
     largest upper root (where SGD turns unstable off the surface), so that every batch size's collapse
     window lies inside it; and the predictions."""
     preds = [
-        curv.critical_lr(b, gamma, cfg.num_samples, torch.Generator().manual_seed(gen_seed))
+        curv.critical_learning_rate(b, gamma, cfg.num_samples, torch.Generator().manual_seed(gen_seed))
         for b in cfg.batch_sizes
     ]
     roots = (
@@ -252,14 +252,14 @@ def lr_grid(curv: MinibatchCurvature, cfg: Config, gamma: float, gen_seed: int) 
 
 def run_problem(problem: NoiseProblem, cfg: Config, ctx: Context, offset: int) -> dict:
     curv = minibatch_curvature(problem.loss_fn, problem.params, problem.mirror, problem.data)
-    gamma = problem.weight_decay
+    gamma = problem.gamma
     lrs, preds = lr_grid(curv, cfg, gamma, cfg.seed + offset)
     rows = []
     for b, pred in zip(ctx.track(cfg.batch_sizes, f"{problem.name}: batch sizes"), preds, strict=True):
         sim = simulate_collapse(
             problem, lrs, b, cfg.runs, cfg.max_steps, ctx.generator(offset + 10 * b), cfg.start, cfg.shrink
         )
-        lam, err, _, method, _ = curv.lyapunov_curve(
+        curve = curv.lyapunov_curve(
             list(lrs), b, gamma, cfg.num_samples, torch.Generator().manual_seed(cfg.seed + offset)
         )
         row = {
@@ -269,9 +269,9 @@ def run_problem(problem: NoiseProblem, cfg: Config, ctx: Context, offset: int) -
             "second_order": pred.second_order,
             "mu": pred.mu,
             "s2": pred.s2,
-            "method": method,
-            "lambda": lam.tolist(),
-            "lambda_stderr": err.tolist(),
+            "method": curve.method,
+            "lambda": curve.values.tolist(),
+            "lambda_stderr": curve.stderrs.tolist(),
             **sim,
         }
         if curv.commuting:  # Λ by QR on sampled minibatches vs the exact enumeration, around η_c
@@ -279,7 +279,7 @@ def run_problem(problem: NoiseProblem, cfg: Config, ctx: Context, offset: int) -
         rows.append(row)
     return {
         "name": problem.name,
-        "weight_decay": gamma,
+        "gamma": gamma,
         "k": curv.k,
         "n": curv.n,
         "commuting": curv.commuting,
@@ -292,11 +292,11 @@ def _check_against_exact(curv, lrs, eta_c, b, gamma, cfg: Config, offset: int) -
     centre = int(np.searchsorted(lrs, eta_c)) if np.isfinite(eta_c) else len(lrs) // 2
     lo = max(0, min(centre - cfg.check_lrs // 2, len(lrs) - cfg.check_lrs))
     pts = list(lrs[lo : lo + cfg.check_lrs])
-    exact = curv.lyapunov_curve(pts, b, gamma, method="exact")[0]
-    qr, err = curv.lyapunov_curve(
+    exact = curv.lyapunov_curve(pts, b, gamma, method="exact")
+    qr = curv.lyapunov_curve(
         pts, b, gamma, cfg.num_samples, torch.Generator().manual_seed(cfg.seed + offset + 7), method="qr"
-    )[:2]
-    return {"lrs": pts, "exact": exact.tolist(), "qr": qr.tolist(), "qr_stderr": err.tolist()}
+    )
+    return {"lrs": pts, "exact": exact.values.tolist(), "qr": qr.values.tolist(), "qr_stderr": qr.stderrs.tolist()}
 
 
 def run(cfg: Config, ctx: Context) -> dict:
@@ -411,7 +411,7 @@ def _phase_panel(a, prob: dict) -> None:
     a.set_yticks(yy, [str(int(b)) for b in bs])
     a.set_xlabel("learning rate η")
     a.set_ylabel("batch size")
-    a.set_title(f"{prob['name']} (γ={prob['weight_decay']:g}, k={prob['k']}): collapse fraction", fontsize=8)
+    a.set_title(f"{prob['name']} (γ={prob['gamma']:g}, k={prob['k']}): collapse fraction", fontsize=8)
     a.legend(fontsize=6, loc="upper left", framealpha=0.6)
     a.figure.colorbar(mesh, ax=a, fraction=0.05)
 

@@ -82,10 +82,35 @@ class LyapunovResult:
     stderr: float
     lr: float
     batch_size: int
-    weight_decay: float
+    gamma: float
     method: str
     num_samples: int
     spectrum: tuple[float, ...]
+
+    @property
+    def torch_weight_decay(self) -> float:
+        """The coupled ``weight_decay`` argument of a torch optimizer that realises ``gamma``: 2γ."""
+        return 2.0 * self.gamma
+
+
+@dataclass(frozen=True)
+class LyapunovCurve:
+    """Λ(η) over learning rates ``lrs`` with common random numbers: ``values`` (E,), ``stderrs`` (E,),
+    ``spectra`` (E, k) in decreasing order, the ``method`` used and ``num_samples`` minibatches."""
+
+    lrs: torch.Tensor
+    values: torch.Tensor
+    stderrs: torch.Tensor
+    spectra: torch.Tensor
+    batch_size: int
+    gamma: float
+    method: str
+    num_samples: int
+
+    @property
+    def torch_weight_decay(self) -> float:
+        """The coupled ``weight_decay`` argument of a torch optimizer that realises ``gamma``: 2γ."""
+        return 2.0 * self.gamma
 
 
 @dataclass(frozen=True)
@@ -114,10 +139,15 @@ class CriticalLRResult:
     s2: float
     upper: float
     batch_size: int
-    weight_decay: float
+    gamma: float
     method: str
     etas: tuple[float, ...]
     lambdas: tuple[float, ...]
+
+    @property
+    def torch_weight_decay(self) -> float:
+        """The coupled ``weight_decay`` argument of a torch optimizer that realises ``gamma``: 2γ."""
+        return 2.0 * self.gamma
 
 
 class MinibatchCurvature:
@@ -126,8 +156,8 @@ class MinibatchCurvature:
     The HVPs that build them run on the parameters' device and dtype; the blocks are small (n·k² numbers)
     and every Lyapunov computation on them runs in float64 on the CPU (float64 is not on every device).
 
-    Build with :func:`minibatch_curvature`; then :meth:`lyapunov`, :meth:`lyapunov_curve`,
-    :meth:`second_order` and :meth:`critical_lr` evaluate many (lr, batch size, γ) without new HVPs.
+    Build with :func:`minibatch_curvature`; then :meth:`lyapunov_exponent`, :meth:`lyapunov_curve`,
+    :meth:`second_order` and :meth:`critical_learning_rate` evaluate many (lr, batch size, γ) without new HVPs.
     """
 
     def __init__(self, blocks: torch.Tensor):
@@ -155,25 +185,25 @@ class MinibatchCurvature:
         return self.blocks.mean(0)
 
     # ------------------------------------------------------------------ second order
-    def second_order(self, batch_size: int, weight_decay: float = 0.0) -> SecondOrder:
+    def second_order(self, batch_size: int, gamma: float = 0.0) -> SecondOrder:
         """μ, s² and 2|μ|/(μ² + s²) along the most unstable expected direction (module docstring)."""
         b = _check_batch(batch_size, self.n)
-        _check_gamma(weight_decay)
+        _check_gamma(gamma)
         evals, evecs = torch.linalg.eigh(self.mean_block())
         v = evecs[:, 0]
         h = torch.einsum("i,nij,j->n", v, self.blocks, v)
         sigma2 = ((h - h.mean()) ** 2).mean().item()
         s2 = sigma2 / b * (self.n - b) / max(self.n - 1, 1)
-        mu = evals[0].item() + 2 * weight_decay
+        mu = evals[0].item() + 2 * gamma
         eta = 2 * abs(mu) / (mu * mu + s2) if mu < 0 else math.nan
         return SecondOrder(mu, s2, eta)
 
     # ------------------------------------------------------------------ Lyapunov exponents
-    def lyapunov(
+    def lyapunov_exponent(
         self,
         lr: float,
         batch_size: int,
-        weight_decay: float = 0.0,
+        gamma: float = 0.0,
         num_samples: int = 20000,
         generator: torch.Generator | None = None,
         method: str = "auto",
@@ -181,57 +211,47 @@ class MinibatchCurvature:
     ) -> LyapunovResult:
         """Λ at one learning rate (see :func:`lyapunov_exponent`)."""
         lr = _check_lr(lr)
-        values, errors, spectra, used, count = self.lyapunov_curve(
-            [lr], batch_size, weight_decay, num_samples, generator, method, max_enumerate
-        )
+        c = self.lyapunov_curve([lr], batch_size, gamma, num_samples, generator, method, max_enumerate)
         return LyapunovResult(
-            float(values[0]),
-            float(errors[0]),
+            float(c.values[0]),
+            float(c.stderrs[0]),
             lr,
             int(batch_size),
-            float(weight_decay),
-            used,
-            count,
-            tuple(float(x) for x in spectra[0]),
+            float(gamma),
+            c.method,
+            c.num_samples,
+            tuple(float(x) for x in c.spectra[0]),
         )
 
     def lyapunov_curve(
         self,
         lrs: Sequence[float],
         batch_size: int,
-        weight_decay: float = 0.0,
+        gamma: float = 0.0,
         num_samples: int = 20000,
         generator: torch.Generator | None = None,
         method: str = "auto",
         max_enumerate: int = DEFAULT_MAX_ENUMERATE,
         indices: torch.Tensor | None = None,
-    ):
+    ) -> LyapunovCurve:
         """Λ(η) for every η in ``lrs`` with common random numbers (one minibatch sequence for all η).
-
-        Returns (values (E,), stderrs (E,), spectra (E, k), method used, number of minibatches). Pass
-        ``indices`` (T, b) to reuse a minibatch sequence across calls.
-        """
+        Pass ``indices`` (T, b) to reuse a minibatch sequence across calls."""
         b = _check_batch(batch_size, self.n)
-        _check_gamma(weight_decay)
+        _check_gamma(gamma)
         etas = torch.tensor([_check_lr(x) for x in lrs], dtype=torch.float64)
         method = self._resolve_method(method, b, max_enumerate)
         if method == "exact":
-            subsets = _all_subsets(self.n, b)
-            return (
-                *_commuting_exponents(self.eigs, subsets, etas, weight_decay, exact=True),
-                method,
-                len(subsets),
-            )
-        if indices is None:
-            indices = sample_minibatches(self.n, b, _check_samples(num_samples), generator)
-        if method == "commuting":
-            return (
-                *_commuting_exponents(self.eigs, indices, etas, weight_decay, exact=False),
-                method,
-                len(indices),
-            )
-        with single_threaded():
-            return (*_qr_exponents(self.blocks, indices, etas, weight_decay), method, len(indices))
+            indices = _all_subsets(self.n, b)
+            values, errors, spectra = _commuting_exponents(self.eigs, indices, etas, gamma, exact=True)
+        else:
+            if indices is None:
+                indices = sample_minibatches(self.n, b, _check_samples(num_samples), generator)
+            if method == "commuting":
+                values, errors, spectra = _commuting_exponents(self.eigs, indices, etas, gamma, exact=False)
+            else:
+                with single_threaded():
+                    values, errors, spectra = _qr_exponents(self.blocks, indices, etas, gamma)
+        return LyapunovCurve(etas, values, errors, spectra, b, float(gamma), method, len(indices))
 
     def _resolve_method(self, method: str, b: int, max_enumerate: int) -> str:
         if method not in ("auto", "exact", "commuting", "qr"):
@@ -252,10 +272,10 @@ class MinibatchCurvature:
             return "qr"
         return "exact" if math.comb(self.n, b) <= max_enumerate else "commuting"
 
-    def critical_lr(
+    def critical_learning_rate(
         self,
         batch_size: int,
-        weight_decay: float = 0.0,
+        gamma: float = 0.0,
         num_samples: int = 20000,
         generator: torch.Generator | None = None,
         method: str = "auto",
@@ -266,8 +286,8 @@ class MinibatchCurvature:
     ) -> CriticalLRResult:
         """The first root of Λ(η) = 0 (see :func:`critical_learning_rate`)."""
         b = _check_batch(batch_size, self.n)
-        second = self.second_order(b, weight_decay)
-        lo, hi = bracket if bracket is not None else self._default_bracket(second, weight_decay)
+        second = self.second_order(b, gamma)
+        lo, hi = bracket if bracket is not None else self._default_bracket(second, gamma)
         if not 0 < lo < hi:
             raise ValueError(f"bracket must satisfy 0 < lo < hi, got ({lo}, {hi})")
         used = self._resolve_method(method, b, max_enumerate)
@@ -278,8 +298,8 @@ class MinibatchCurvature:
 
         def curve(xs):
             return self.lyapunov_curve(
-                list(xs), b, weight_decay, method=used, max_enumerate=max_enumerate, indices=idx
-            )[0].numpy()
+                list(xs), b, gamma, method=used, max_enumerate=max_enumerate, indices=idx
+            ).values.numpy()
 
         lams = curve(etas)
         onset = (
@@ -298,17 +318,17 @@ class MinibatchCurvature:
             second.s2,
             upper,
             b,
-            float(weight_decay),
+            float(gamma),
             used,
             tuple(float(x) for x in etas),
             tuple(float(x) for x in lams),
         )
 
-    def _default_bracket(self, second: SecondOrder, weight_decay: float) -> tuple[float, float]:
+    def _default_bracket(self, second: SecondOrder, gamma: float) -> tuple[float, float]:
         """Around the second-order estimate when there is one, else around 1/‖H‖."""
         if not math.isnan(second.eta):
             return second.eta / 100, second.eta * 100
-        shift = 2 * weight_decay * torch.eye(self.k, dtype=torch.float64)
+        shift = 2 * gamma * torch.eye(self.k, dtype=torch.float64)
         rho = torch.linalg.matrix_norm(self.blocks + shift, ord=2).max().item()
         rho = rho if rho > 0 else 1.0
         return 1e-3 / rho, 100 / rho
@@ -349,7 +369,7 @@ def lyapunov_exponent(
     data: Sequence[torch.Tensor],
     lr: float,
     batch_size: int,
-    weight_decay: float = 0.0,
+    gamma: float = 0.0,
     num_samples: int = 20000,
     generator: torch.Generator | None = None,
     method: str = "auto",
@@ -358,7 +378,7 @@ def lyapunov_exponent(
     """Top Lyapunov exponent Λ (per step) of SGD's linearised off-surface dynamics (THEORY.md §4).
 
     z_{t+1} = (I − η(Ĥ_t + 2γI)) z_t with Ĥ_t the projected Hessian of a uniform random minibatch of
-    ``batch_size`` samples at the projection of ``params`` on the surface; γ = ``weight_decay`` in the
+    ``batch_size`` samples at the projection of ``params`` on the surface; γ = ``gamma`` in the
     L + γ‖θ‖² convention (torch ``weight_decay = 2γ``). Λ < 0: SGD at learning rate ``lr`` collapses onto
     the surface; Λ > 0: it escapes. ``method``: "auto" (exact enumeration for commuting blocks when
     C(n, b) ≤ ``max_enumerate``, else sampled; Benettin/QR for non-commuting blocks), "exact",
@@ -366,9 +386,9 @@ def lyapunov_exponent(
     A point off the surface is projected onto it with a warning.
     """
     _check_lr(lr)
-    _check_decay_keeps_mirror(mirror, params, weight_decay)
+    _check_decay_keeps_mirror(mirror, params, gamma)
     curv = minibatch_curvature(loss_fn, params, mirror, _check_data(data, batch_size))
-    return curv.lyapunov(lr, batch_size, weight_decay, num_samples, generator, method, max_enumerate)
+    return curv.lyapunov_exponent(lr, batch_size, gamma, num_samples, generator, method, max_enumerate)
 
 
 def critical_learning_rate(
@@ -377,7 +397,7 @@ def critical_learning_rate(
     mirror: Mirror,
     data: Sequence[torch.Tensor],
     batch_size: int,
-    weight_decay: float = 0.0,
+    gamma: float = 0.0,
     num_samples: int = 20000,
     generator: torch.Generator | None = None,
     method: str = "auto",
@@ -396,11 +416,11 @@ def critical_learning_rate(
     puts a log-singularity (a sharp dip) at η = 1/(h_B + 2γ), and near Λ ≈ 0 such dips can open
     windows of a few percent. Arguments as in :func:`lyapunov_exponent`.
     """
-    _check_decay_keeps_mirror(mirror, params, weight_decay)
+    _check_decay_keeps_mirror(mirror, params, gamma)
     curv = minibatch_curvature(loss_fn, params, mirror, _check_data(data, batch_size))
-    return curv.critical_lr(
+    return curv.critical_learning_rate(
         batch_size,
-        weight_decay,
+        gamma,
         num_samples,
         generator,
         method,
@@ -587,7 +607,7 @@ def _check_lr(lr) -> float:
 
 def _check_gamma(gamma) -> None:
     if not float(gamma) >= 0:
-        raise ValueError(f"weight_decay (γ in L + γ‖θ‖²) must be >= 0, got {gamma}")
+        raise ValueError(f"gamma (γ in L + γ‖θ‖²; torch weight_decay = 2γ) must be >= 0, got {gamma}")
 
 
 def _check_samples(num: int) -> int:
@@ -598,18 +618,18 @@ def _check_samples(num: int) -> int:
     return int(num)
 
 
-def _check_decay_keeps_mirror(mirror: Mirror, params: Params, weight_decay: float) -> None:
+def _check_decay_keeps_mirror(mirror: Mirror, params: Params, gamma: float) -> None:
     """γ‖θ‖² is R-invariant only for a mirror through the origin (Oᵀθ′ = 0, THEORY.md §1)."""
-    _check_gamma(weight_decay)
-    if weight_decay == 0:
+    _check_gamma(gamma)
+    if gamma == 0:
         return
     zeros = {k: torch.zeros_like(v) for k, v in params.items()}
     shift = mirror.coefficients(zeros).norm().item()
     if shift > 0:
         raise ValueError(
-            f"weight_decay={weight_decay} > 0 breaks {mirror!r}: its surface misses the origin "
+            f"gamma={gamma} > 0 breaks {mirror!r}: its surface misses the origin "
             f"(‖Oᵀθ′‖ = {shift:.3g}), so the decay gradient 2γθ has an O-component and the off-surface "
-            "dynamics are not z ↦ (I − η(Ĥ + 2γI))z; use weight_decay=0 or a mirror through 0"
+            "dynamics are not z ↦ (I − η(Ĥ + 2γI))z; use gamma=0 or a mirror through 0"
         )
 
 

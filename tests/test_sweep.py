@@ -213,21 +213,22 @@ def test_rerun_skips_finished_runs_and_store_roundtrips(tmp_path):
     grid = {"lr": [0.1, 0.2], "seed": [0, 1], "batch_size": 8, "steps": 5}
     sweep = ms.sweep.Sweep(counting_factory, nn.functional.mse_loss, make_data(), grid, metrics=METRICS)
     first = sweep.run(tmp_path, chunk_size=3, progress=False)
-    assert len(calls) == 1 + 4  # the one-step trial, then one build per copy
+    assert len(calls) == 1 + 1 + 4  # the fingerprint's initial state, the one-step trial, one build per copy
     calls.clear()
     second = sweep.run(tmp_path, chunk_size=3, progress=False)
-    assert calls == []
+    assert calls == [0]  # only the fingerprint's build: nothing is trained
     assert_same_rows(first, second)
     loaded = ms.sweep.load_results(tmp_path)
     assert sorted(loaded["run_id"]) == sorted(first["run_id"]) and loaded["run_id"].is_unique
     assert len(list((tmp_path / "runs").glob("chunk-*.parquet"))) == 2
-    assert list(first["run_id"]) == [ms.sweep.run_id("sweep", c) for c in sweep.configs]
+    assert list(first["run_id"]) == sweep.run_ids
+    assert sweep.run_ids == [ms.sweep.run_id(f"sweep#{sweep.fingerprint()['id']}", c) for c in sweep.configs]
 
     bigger = ms.sweep.Sweep(counting_factory, nn.functional.mse_loss, make_data(),
                             {**grid, "seed": [0, 1, 2]}, metrics=METRICS)
     calls.clear()
     third = bigger.run(tmp_path, chunk_size=3, progress=False)
-    assert len(third) == 6 and len(calls) == 1 + 2  # only the two new seeds are trained
+    assert len(third) == 6 and len(calls) == 1 + 1 + 2  # only the two new seeds are trained
     with pytest.raises(ValueError, match="different sweep"):
         make_sweep(grid, metrics={"loss": "loss"}).run(tmp_path, progress=False)
 

@@ -1,10 +1,20 @@
 """Run experiment modules, keep their results, and build the report.
 
-Each experiment writes into ``OUT/<name>/``: ``results.json`` (with the config it was run with) and its
-figures. A rerun with the same config loads the stored results instead of recomputing (``fresh=True``
-recomputes; so does a change to the experiment's source or to ``--data-dir``), so an interrupted
-reproduction resumes where it stopped. An experiment that raises is recorded as a failed claim and the
-others still run.
+Each experiment writes into ``OUT/<name>/``: ``results.json``, its figures and whatever stores it keeps
+(e.g. ``OUT/<name>/sweep/``, a resumable :class:`~mirrorsym.sweep.Sweep` store). ``results.json`` holds
+the results with the key they were computed under and a sha256 of its content. The key is the size's
+config, the experiment module's source, a hash of every ``.py`` file of the mirrorsym package, the
+package version and, with ``--data-dir``, the data sets found there: a rerun with the same key loads the
+stored results instead of recomputing, any other key recomputes, so an interrupted reproduction resumes
+where it stopped and an edited package never serves old numbers.
+
+``fresh=True`` removes the whole ``OUT/<name>/`` directory of each chosen experiment (results.json, sweep
+stores, figures) before rerunning it, so nothing from an older configuration survives.
+
+A damaged ``results.json`` (truncated, not JSON, checksum mismatch) is reported by name, moved aside to
+``results.json.corrupt`` and the experiment recomputed; it is not an experiment failure. Every JSON file
+is written atomically and durably (:func:`mirrorsym.core.io.atomic_write`). An experiment that raises is
+recorded as a failed claim and the others still run.
 """
 
 from __future__ import annotations
@@ -13,9 +23,11 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..core.io import atomic_write, move_aside, remove_stale_temporaries, source_tree_hash
 from ..core.threads import single_threaded
 from ..experiments import registry
 from ..experiments.base import Claim, Context, config_key, to_jsonable
@@ -30,6 +43,8 @@ from ..experiments.data import available_datasets
 from .render import write_report
 
 SIZES = ("tiny", "quick", "full")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/mirrorsym
+RESULT_KEYS = ("config", "seconds", "results")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -43,29 +58,80 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
-    os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file
+    atomic_write(path, json.dumps(to_jsonable(obj), indent=1))  # a kill never leaves a half file
 
 
 def _source_hash(module) -> str:
-    """Changing an experiment's code invalidates its stored results, like changing its config."""
+    """Changing an experiment's code invalidates its stored results, like changing its config (also for
+    experiment modules outside the package)."""
     return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
 
 
+def package_source_hash(root: Path | None = None) -> str:
+    """Hash of every ``.py`` file under the mirrorsym package (``root``, default the installed one):
+    an experiment's result depends on the whole library it calls, not only on its own module."""
+    return source_tree_hash(PACKAGE_ROOT if root is None else root)[:16]
+
+
+def cache_key(module, cfg, data_dir: Path | None = None) -> str:
+    """The key results.json is stored under: config, experiment source, package source and version,
+    and the real data sets in use."""
+    from .. import __version__
+
+    key = (config_key(cfg) + "|code " + _source_hash(module) + "|package " + package_source_hash()
+           + "|version " + __version__)
+    if data_dir is not None:  # real data sets change what a full-size run computes
+        key += f"|data {data_dir} {available_datasets(data_dir)}"
+    return key
+
+
+def _checksum(saved: dict) -> str:
+    return hashlib.sha256(json.dumps({k: saved[k] for k in RESULT_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def _write_results(path: Path, key: str, seconds: float, results) -> None:
+    saved = {"config": key, "seconds": seconds, "results": results}
+    saved["sha256"] = _checksum(saved)
+    _write_json(path, saved)
+
+
+def _read_results(path: Path) -> dict | None:
+    """The stored results, or None if there are none. A damaged file (not JSON, keys missing, checksum
+    mismatch) is reported by name and moved aside, so the caller recomputes instead of failing."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        saved = json.loads(text)
+        if not isinstance(saved, dict) or any(k not in saved for k in (*RESULT_KEYS, "sha256")):
+            raise ValueError("not the expected JSON object with config, seconds, results and sha256")
+        if saved["sha256"] != _checksum(saved):
+            raise ValueError("its content does not match its sha256")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        moved = move_aside(path)
+        warnings.warn(f"mirrorsym reproduce: {path} is damaged ({exc}); moved it aside to {moved} and "
+                      "recomputing the experiment", stacklevel=3)
+        return None
+    return saved
+
+
 def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict:
-    """Run (or load) one experiment; returns {results, claims, figures, seconds, cached, error}."""
+    """Run (or load) one experiment; returns {results, claims, figures, seconds, cached, error}.
+
+    ``fresh=True`` first removes ``ctx.out_dir`` with everything in it (results.json, sweep stores,
+    figures): all of it was written by mirrorsym for this experiment, and any of it could be stale."""
     cfg = module.CONFIGS[size]
+    if fresh and ctx.out_dir.is_dir():
+        shutil.rmtree(ctx.out_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ctx.out_dir)
     store = ctx.out_dir / "results.json"
-    key = config_key(cfg) + "|code " + _source_hash(module)
-    if ctx.data_dir is not None:  # real data sets change what a full-size run computes
-        key += f"|data {ctx.data_dir} {available_datasets(ctx.data_dir)}"
+    key = cache_key(module, cfg, ctx.data_dir)
     cached = None
-    if store.exists() and not fresh:
-        saved = json.loads(store.read_text())
-        if saved.get("config") == key:
-            cached = saved
+    saved = _read_results(store)
+    if saved is not None and saved["config"] == key:
+        cached = saved
     if cached is None:
         t0 = time.perf_counter()
         with single_threaded():  # experiments are many small ops: see single_threaded
@@ -73,7 +139,7 @@ def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict
         # plot() and claims() always see the JSON form, whether fresh or loaded from the store
         results = json.loads(json.dumps(to_jsonable(raw)))
         seconds = time.perf_counter() - t0
-        _write_json(store, {"config": key, "seconds": seconds, "results": results})
+        _write_results(store, key, seconds, results)
     else:
         results, seconds = cached["results"], cached["seconds"]
     figures = [Path(f) for f in module.plot(results, ctx)]
@@ -87,7 +153,8 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
                      fresh: bool = False, console: Console | None = None,
                      data_dir: Path | str | None = None) -> int:
     """Run the named experiments (all by default) and write the report; returns 0 iff every claim passed.
-    ``data_dir``: a folder with CIFAR-10 and/or MNIST in torchvision's layout, used by the full size."""
+    ``data_dir``: a folder with CIFAR-10 and/or MNIST in torchvision's layout, used by the full size.
+    ``fresh``: remove each chosen experiment's ``out/<name>/`` (results, sweep stores, figures) first."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if backend not in ("local", "ray"):
@@ -105,6 +172,7 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
                              "cifar-10-batches-py/ and/or MNIST/raw/ (torchvision's layout)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     console = console or Console(stderr=True)
     sections, all_claims = [], []
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -1,7 +1,11 @@
 """Where chunks run: ``local`` (this process, one chunk after the other) or ``ray`` (tasks on a cluster).
 
 Both hand finished chunks to the same :class:`~mirrorsym.sweep.store.ResultStore` from the driver, one
-atomic file per chunk, so a sweep's rows do not depend on the backend (same device kind, same chunks).
+atomic, checksummed file per chunk, so a sweep's rows do not depend on the backend (same device kind,
+same chunks). A chunk is trained only under its claim (:meth:`ResultStore.claim`), always taken by the
+driver process: ``local`` claims each chunk just before training it, so processes sharing a directory
+interleave; ``ray`` claims every chunk it can before sending any and frees each as its file is written.
+Chunks claimed by another live process are skipped; both functions return the chunks they trained.
 
 ``backend="ray"`` with ``address=None`` starts a local Ray instance (``ray.init()``) and shuts it down
 afterwards; ``address="auto"`` joins the cluster this machine belongs to and ``"ray://host:10001"`` a
@@ -15,20 +19,40 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from .config import run_id
 from .engine import Problem, train_chunk
-from .store import ResultStore
+from .store import Claim, ResultStore
 
 Chunk = Sequence[dict]
 Progress = Callable[[int], None]
 
 
+def _claim(problem: Problem, chunk: Chunk, store: ResultStore) -> Claim | None:
+    """This process's claim on ``chunk``, or None if another process holds it or has already stored it."""
+    ids = [run_id(problem.name, c) for c in chunk]
+    claim = store.claim(ids)
+    if claim is not None and store.has_chunk(ids):  # its previous holder finished it just now
+        claim.release()
+        return None
+    return claim
+
+
 def run_local(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, device, advance: Progress,
-              on_chunk: Callable[[Chunk], None]) -> None:
-    """Train the chunks one by one in this process; write each when it is finished."""
+              on_chunk: Callable[[Chunk], None]) -> list[Chunk]:
+    """Train the unclaimed chunks one by one in this process; write each when it is finished."""
+    trained = []
     for chunk in chunks:
-        rows = train_chunk(problem, chunk, device, on_progress=advance)
-        store.write_chunk(rows)
+        claim = _claim(problem, chunk, store)
+        if claim is None:
+            continue
+        try:
+            rows = train_chunk(problem, chunk, device, on_progress=advance)
+            store.write_chunk(rows)
+        finally:
+            claim.release()
+        trained.append(chunk)
         on_chunk(chunk)
+    return trained
 
 
 def _import_ray():
@@ -46,27 +70,46 @@ def _train_chunk_task(problem: Problem, chunk: Chunk, device) -> list[dict]:
 
 def run_ray(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, device, advance: Progress,
             on_chunk: Callable[[Chunk], None], address: str | None = None,
-            ray_options: dict | None = None) -> None:
-    """Send every chunk as a Ray task; write each chunk's rows as soon as its task returns.
+            ray_options: dict | None = None) -> list[Chunk]:
+    """Send every unclaimed chunk as a Ray task; write each chunk's rows as soon as its task returns.
 
-    On Ctrl-C (or any error) the outstanding tasks are cancelled; finished chunks are already stored.
+    On Ctrl-C (or any error) the outstanding tasks are cancelled and their claims freed; finished chunks
+    are already stored.
     """
+    claims = {}
+    try:
+        for i, chunk in enumerate(chunks):
+            claim = _claim(problem, chunk, store)
+            if claim is not None:
+                claims[i] = claim
+        if not claims:
+            return []
+        return _run_ray_claimed(problem, chunks, claims, store, device, advance, on_chunk, address, ray_options)
+    finally:
+        for claim in claims.values():
+            claim.release()
+
+
+def _run_ray_claimed(problem, chunks, claims, store, device, advance, on_chunk, address, ray_options):
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    trained = []
     try:
         options = {"num_cpus": 1, "max_retries": 0, **(ray_options or {})}
         task = ray.remote(_train_chunk_task).options(**options)
         problem_ref = ray.put(problem)
-        pending = {task.remote(problem_ref, list(chunk), device): chunk for chunk in chunks}
+        pending = {task.remote(problem_ref, list(chunks[i]), device): i for i in claims}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                chunk = pending.pop(done[0])
+                i = pending.pop(done[0])
                 store.write_chunk(ray.get(done[0]))
-                advance(sum(c["steps"] for c in chunk))
-                on_chunk(chunk)
+                claims[i].release()
+                advance(sum(c["steps"] for c in chunks[i]))
+                trained.append(chunks[i])
+                on_chunk(chunks[i])
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -74,3 +117,4 @@ def run_ray(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, devic
     finally:
         if started:
             ray.shutdown()
+    return trained

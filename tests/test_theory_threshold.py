@@ -34,7 +34,7 @@ def test_closed_form_A_every_coordinate():
         q = m.project(p)  # β_i = 0, the others arbitrary
         beta = q["u"] * q["w"]
         g_i = (-2 * ((y - X @ beta) * X[:, i]).mean()).item()
-        got = critical_weight_decay(loss, q, m)
+        got = critical_weight_decay(loss, q, m).gamma
         assert got == pytest.approx(abs(g_i) / 2, rel=1e-6)
 
 
@@ -57,7 +57,7 @@ def test_closed_form_B_dead_tanh_neuron():
     q = mirror.project(p)
     r = y - f(q)
     expected = (r[:, None] * Xt).mean(0).norm().item()
-    assert critical_weight_decay(loss, q, mirror) == pytest.approx(expected, rel=1e-6)
+    assert critical_weight_decay(loss, q, mirror).gamma == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("factor,leaves", [(0.8, True), (1.2, False)])
@@ -70,7 +70,7 @@ def test_gradient_descent_leaves_below_and_returns_above_threshold(factor, leave
     m = ms.Mirror.sign_flip({"u": [0], "w": [0]})
     p = {"u": torch.full((d,), 0.5, dtype=torch.float64), "w": torch.full((d,), 0.5, dtype=torch.float64)}
     p = m.project(p)
-    gamma = factor * critical_weight_decay(loss, p, m)
+    gamma = factor * critical_weight_decay(loss, p, m).gamma
     u = p["u"].clone().requires_grad_(True)
     w = p["w"].clone().requires_grad_(True)
     with torch.no_grad():

@@ -68,7 +68,8 @@ def test_critical_weight_decay_refuses_non_finite_curvature():
     def loss(p):
         return ((x @ (p["u"] * p["w"]) - 1.0) ** 2).mean()
 
-    assert ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m) >= 0.0
+    result = ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m)
+    assert result.torch_weight_decay == 2 * result.gamma == 2 * float(result) and result.gamma >= 0.0
     with pytest.raises(NonFiniteError, match="u"):
         ms.theory.critical_weight_decay(loss, {"u": torch.tensor([0.0, float("nan")], dtype=torch.float64),
                                                "w": w}, m)

@@ -153,7 +153,8 @@ def train_linear_constraint(p: dict, gamma: float, cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model = nn.Linear(cfg.d, 1, bias=False).double()
     ms.constrain.linear(model, "weight", p["O"])
-    opt = torch.optim.SGD(ms.constrain.param_groups(model, 2 * gamma), lr=cfg.lin_lr, momentum=cfg.lin_momentum)
+    groups = ms.constrain.param_groups(model, ms.theory.torch_weight_decay(gamma))
+    opt = torch.optim.SGD(groups, lr=cfg.lin_lr, momentum=cfg.lin_momentum)
     X, y = p["X"], p["y"]
     for _ in range(cfg.lin_steps):
         opt.zero_grad(set_to_none=True)

@@ -127,7 +127,7 @@ def predicted_support(X, y, beta: torch.Tensor, gamma: float) -> list[bool]:
     loss = _loss_fn(X, y)
     s = beta.sign() * beta.abs().sqrt()
     point = {"u": s, "w": beta.abs().sqrt()}  # any (u, w) with u ⊙ w = β
-    return [critical_weight_decay(loss, point, Mirror.sign_flip({"u": [i], "w": [i]})) > gamma
+    return [critical_weight_decay(loss, point, Mirror.sign_flip({"u": [i], "w": [i]})).gamma > gamma
             for i in range(len(beta))]
 
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from ..core import Mirror
-from ..theory import critical_weight_decay, hessian_cross_norm, projected_hessian, stationarity_residual
+from ..theory import (
+    critical_weight_decay,
+    hessian_cross_norm,
+    projected_hessian,
+    stationarity_residual,
+    torch_weight_decay,
+)
 from .base import Claim, Context
 from .plotting import figure, save
 
@@ -75,7 +81,7 @@ def _unit(j: int) -> dict:
 def _gd(loss, p: dict, gamma: float, lr: float, steps: int) -> dict:
     """Full-batch gradient descent on L + γ‖θ‖²."""
     p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
-    opt = torch.optim.SGD(list(p.values()), lr=lr, weight_decay=2 * gamma)
+    opt = torch.optim.SGD(list(p.values()), lr=lr, weight_decay=torch_weight_decay(gamma))
     for _ in range(steps):
         opt.zero_grad()
         loss(p).backward()
@@ -105,12 +111,12 @@ def run(cfg: Config, ctx: Context) -> dict:
         }
     # the γ grid is relative to the threshold at γ = 0 so that it brackets γ_c
     base = _gd(loss, sign.project(p0), 0.0, cfg.lr, cfg.steps_on_surface)
-    gamma0 = critical_weight_decay(loss, base, sign)
+    gamma0 = critical_weight_decay(loss, base, sign).gamma
     rows = []
     for rel in ctx.track(cfg.gammas, "γ grid"):
         gamma = rel * gamma0
         on = _gd(loss, base, gamma, cfg.lr, cfg.steps_on_surface)
-        gamma_c = critical_weight_decay(loss, on, sign)
+        gamma_c = critical_weight_decay(loss, on, sign).gamma
         # kick by cfg.kick along the softest mirror direction, the one the threshold is about
         evals, evecs = torch.linalg.eigh(projected_hessian(loss, on, sign).to_dense())
         kick = sign.direction(cfg.kick * evecs[:, 0], on)

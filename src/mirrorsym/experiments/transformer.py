@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..theory import torch_weight_decay
 from .base import Claim, Context
 from .plotting import figure, save
 
@@ -130,7 +131,7 @@ def train(cfg: Config, gamma: float, control: bool, data, ctx: Context) -> Recal
     (x, y), _ = data
     model = make_model(cfg, x.device)
     removal = ms.remove_symmetries(model, sigma=cfg.syre_sigma, seed=cfg.seed + 1) if control else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=2 * gamma)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=torch_weight_decay(gamma))
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # the same minibatches for every run
     label = f"{'syre' if control else 'decay'} γ={gamma:g}"
     for _ in ctx.track(range(cfg.steps), label):

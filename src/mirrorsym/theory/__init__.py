@@ -9,7 +9,7 @@ from .noise import (
     minibatch_curvature,
 )
 from .threshold import (
-    CurvatureResult,
+    CriticalWeightDecay,
     critical_weight_decay,
     hessian_cross_norm,
     projected_curvature,
@@ -20,7 +20,7 @@ from .threshold import (
 
 __all__ = [
     "CriticalLRResult",
-    "CurvatureResult",
+    "CriticalWeightDecay",
     "LyapunovResult",
     "MinibatchCurvature",
     "critical_learning_rate",

@@ -33,16 +33,25 @@ def torch_weight_decay(gamma: float) -> float:
 
 
 @dataclass(frozen=True)
-class CurvatureResult:
-    """λ_min of Oᵀ∇²L O and what it took to get it."""
+class CriticalWeightDecay:
+    """λ_min of Oᵀ∇²L O, what it took to get it, and the threshold it implies in both conventions:
+    ``gamma`` = γ_c = max(0, −λ_min/2) for L + γ‖θ‖², ``torch_weight_decay`` = 2γ_c for a coupled torch
+    optimizer. ``float(result)`` is ``gamma``."""
 
     lambda_min: float
     hvps: int
     method: str  # "dense" | "lanczos"
 
     @property
-    def gamma_c(self) -> float:
+    def gamma(self) -> float:
         return max(0.0, -self.lambda_min / 2.0)
+
+    @property
+    def torch_weight_decay(self) -> float:
+        return torch_weight_decay(self.gamma)
+
+    def __float__(self) -> float:
+        return self.gamma
 
 
 def _at(params: Params, mirror: Mirror, project: bool) -> dict:
@@ -57,7 +66,7 @@ def projected_hessian(loss_fn, params: Params, mirror: Mirror, project: bool = T
 
 def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool = True,
                         max_hvps: int = 100, tol: float = 1e-10,
-                        generator: torch.Generator | None = None) -> CurvatureResult:
+                        generator: torch.Generator | None = None) -> CriticalWeightDecay:
     """λ_O = λ_min(Oᵀ∇²L O): dense for k ≤ 64 (k HVPs), Lanczos otherwise (≤ ``max_hvps`` HVPs)."""
     check_finite(params, "parameter")
     op = projected_hessian(loss_fn, params, mirror, project)
@@ -74,18 +83,19 @@ def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool =
             f"the projected Hessian of {mirror!r} is not finite at these parameters (the loss or its "
             "curvature is NaN/Inf there), so γ_c is undefined; check the loss value and the data"
         )
-    return CurvatureResult(lam, op.hvp.calls, method)
+    return CriticalWeightDecay(lam, op.hvp.calls, method)
 
 
 
 def critical_weight_decay(loss_fn, params: Params, mirror: Mirror, project: bool = True,
-                          max_hvps: int = 100) -> float:
-    """γ_c = max(0, −λ_min(Oᵀ∇²L O)/2) in the L + γ‖θ‖² convention (THEORY.md §2.3).
+                          max_hvps: int = 100) -> CriticalWeightDecay:
+    """γ_c = max(0, −λ_min(Oᵀ∇²L O)/2) in the L + γ‖θ‖² convention (docs/theory.md, Theorem 1).
 
     For γ > γ_c a minimum of L_γ restricted to S is a strict local minimum; for γ < γ_c it is a saddle
-    that gradient descent escapes along O. Pass ``torch_weight_decay(γ_c)`` to a coupled torch optimizer.
+    that gradient descent escapes along O. The result carries ``.gamma`` (γ_c) and
+    ``.torch_weight_decay`` (2γ_c, what a coupled torch optimizer takes).
     """
-    return projected_curvature(loss_fn, params, mirror, project, max_hvps).gamma_c
+    return projected_curvature(loss_fn, params, mirror, project, max_hvps)
 
 
 def stationarity_residual(loss_fn, params: Params, mirror: Mirror, project: bool = True) -> float:

@@ -20,11 +20,16 @@ from mirrorsym.experiments.base import Context
 from mirrorsym.experiments.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    UnsafePickleError,
     available_datasets,
+    check_cifar10,
+    check_mnist,
     cifar10,
     has_cifar10,
     has_mnist,
     mnist,
+    present_files,
+    read_cifar10_batch,
     read_idx,
 )
 
@@ -109,6 +114,61 @@ def test_cifar10_wrong_directory_names_the_missing_file_and_layout(tmp_path):
         cifar10(tmp_path, train=False)
 
 
+class MarkerPayload:
+    """Unpickling this with plain pickle.load would run exec and create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_cifar10_batches_are_read_without_running_pickle_code(tmp_path):
+    written = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    marker = tmp_path / "PWNED"
+    # the payload hides inside an otherwise valid batch dict
+    data, labels = written["data_batch_3"]
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": data, "labels": labels, "x": MarkerPayload(marker)}))
+    with pytest.raises(UnsafePickleError, match=r"data_batch_3: refuses to unpickle the global builtins\.exec"):
+        cifar10(tmp_path)
+    with pytest.raises(ValueError, match="builtins.exec"):
+        check_cifar10(tmp_path)
+    assert not marker.exists()
+    cifar10(tmp_path, train=False)  # the other files are untouched
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_batches_in_every_pickle_protocol(tmp_path, protocol):
+    """The original batches are protocol-2 pickles from Python 2 (bytes keys); numpy writes arrays with
+    _reconstruct (protocols 2-4) or _frombuffer (5), Python 3 writes bytes with _codecs.encode (2)."""
+    written = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    data, labels = written["test_batch"]
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": labels, b"data": data,
+             b"filenames": [b"a.png", b"b.png"]}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    x, y = cifar10(tmp_path, train=False)
+    assert y.tolist() == labels and x.shape == (2, 3, 32, 32)
+    check_cifar10(tmp_path)
+
+
+def test_cifar10_batch_contents_are_checked(tmp_path):
+    write_cifar(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    for batch, message in [([1, 2], "holds a list"),
+                           ({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, r"uint8 array \(n, 3072\)"),
+                           ({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, "float32"),
+                           ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 12]}, "integers in 0..9")]:
+        path.write_bytes(pickle.dumps(batch))
+        with pytest.raises(ValueError, match=message):
+            read_cifar10_batch(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot be read as a CIFAR-10 python batch"):
+        check_cifar10(tmp_path)
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_reads_idx_files_plain_and_gzipped(tmp_path, gz):
     written = write_mnist(tmp_path, gz=gz)
@@ -141,6 +201,14 @@ def test_mnist_wrong_directory_and_broken_files(tmp_path):
     (folder / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8)))
     (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(2, np.uint8)))
     with pytest.raises(ValueError, match="do not match"):
+        mnist(tmp_path)
+    assert [p.name for p in present_files(tmp_path, "mnist")] == ["train-images-idx3-ubyte",
+                                                                  "train-labels-idx1-ubyte"]
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):  # the test split is missing
+        (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(3, np.uint8)))
+        check_mnist(tmp_path)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(3, 10, np.uint8)))
+    with pytest.raises(ValueError, match="labels .* go up to 10"):
         mnist(tmp_path)
 
 

@@ -44,11 +44,12 @@ def test_scan_factory_path_json(factory_module):
 
 
 def test_scan_saved_model_file(tmp_path):
+    """A whole pickled module loads only with --trust-pickle; a state_dict goes with --checkpoint."""
     path = tmp_path / "model.pt"
     torch.save(make_tanh_mlp(), path)
-    result = runner.invoke(app, ["scan", str(path), "--input-shape", "2,5", "--json"])
+    result = runner.invoke(app, ["scan", str(path), "--input-shape", "2,5", "--json", "--trust-pickle"])
     assert result.exit_code == 0, result.output
-    assert len(json.loads(result.output)["groups"]) == 2
+    assert len(json.loads(result.stdout)["groups"]) == 2
 
 
 def test_scan_errors_are_clear(tmp_path, factory_module):
@@ -57,6 +58,8 @@ def test_scan_errors_are_clear(tmp_path, factory_module):
     path = tmp_path / "state.pt"
     torch.save(make_tanh_mlp().state_dict(), path)
     result = runner.invoke(app, ["scan", str(path), "--input-shape", "2,5"])
-    assert result.exit_code == 2 and "state_dict" in result.output
+    assert result.exit_code == 2 and "state_dict" in result.output and "--checkpoint" in result.output
     result = runner.invoke(app, ["scan", "mlp-tanh", "--input-shape", "two"])
     assert result.exit_code == 2 and "comma-separated" in result.output
+    result = runner.invoke(app, ["scan", factory_module, "--checkpoint", str(path), "--input-shape", "2,5", "--json"])
+    assert result.exit_code == 0, result.output

@@ -160,7 +160,7 @@ def test_cli_diagnose_on_digits(tmp_path):
             "--checkpoint",
             str(tmp_path / "ckpt.pt"),
             "--input-shape",
-            "64",
+            "2,64",
             "--out",
             str(tmp_path / "o2"),
         ],
@@ -172,7 +172,7 @@ def test_cli_diagnose_on_digits(tmp_path):
 def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "net.py").write_text(MODEL_FILE)
     runner = CliRunner()
-    res = runner.invoke(app, ["diagnose", f"{tmp_path / 'net.py'}:nope", "--input-shape", "64"])
+    res = runner.invoke(app, ["diagnose", f"{tmp_path / 'net.py'}:nope", "--input-shape", "2,64"])
     assert res.exit_code == 2 and "has no attribute 'nope'" in res.output
     res = runner.invoke(app, ["diagnose", f"{tmp_path / 'net.py'}:make"])
     assert res.exit_code == 2 and "--input-shape" in res.output
@@ -186,7 +186,7 @@ def test_cli_errors_are_clear(tmp_path):
             "--data",
             str(tmp_path / "d"),
             "--input-shape",
-            "64",
+            "2,64",
             "--out",
             str(tmp_path / "o"),
         ],

@@ -1,0 +1,5 @@
+"""``python -m mirrorsym.cli``: the same as the ``mirrorsym`` command."""
+
+from .main import main
+
+main()

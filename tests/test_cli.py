@@ -196,7 +196,8 @@ BAD = {
     "diagnose missing data": (["diagnose", "net.py:make", "--data", "nodata"], ["--data nodata"]),
     "diagnose unwritable out": (["diagnose", "net.py:make", "--input-shape", "2,3", "--out", "afile/sub"],
                                 ["--out afile/sub", "not writable"]),
-    "diagnose out is a file": (["diagnose", "net.py:make", "--out", "afile"], ["not a directory"]),
+    "diagnose out is a file": (["diagnose", "net.py:make", "--input-shape", "2,3", "--out", "afile"],
+                               ["not a directory"]),
     # reproduce (validated before any experiment starts: see the no_experiments fixture)
     "unknown experiment": (["reproduce", "theorem1", "nope"], ["unknown experiment(s) nope", "--list"]),
     "quick and full": (["reproduce", "--quick", "--full"], ["--quick", "--full"]),
@@ -213,6 +214,8 @@ BAD = {
 def test_every_mistake_is_one_line_and_exit_2(work, no_experiments, case):
     args, needles = BAD[case]
     check_one_line_error(cli.invoke(app, args), *needles)
+    # the default output folders are made only once everything checked out
+    assert not (work.path / "report").exists() and not (work.path / "diagnose").exists()
 
 
 def test_cuda_without_cuda_and_ray_without_ray(work, no_experiments, monkeypatch):

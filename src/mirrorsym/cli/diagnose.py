@@ -46,7 +46,6 @@ def diagnose(
     from ..diagnose.report import diagnose as run_diagnose
     from .loading import check_forward, example_inputs, load
 
-    out = require_writable_dir(out, "--out")
     net, own = load(model, checkpoint, trust_pickle)
     probe = load_data(data, net)
     rows = None
@@ -59,6 +58,7 @@ def diagnose(
     check_forward(net, x, model)
     if probe is not None and probe[1] is None:
         probe = probe[0]
+    out = require_writable_dir(out, "--out")  # after the quick checks: a mistake leaves no empty folder
     console = Console()
     with console.status("finding symmetries ..."):
         smap = default_symmetries(net, x)

@@ -130,7 +130,7 @@ def load_model(spec: str, trust_pickle: bool = False) -> tuple[nn.Module, object
         return example(spec)
     tv = _torchvision()
     if tv is not None and not looks_like_path(spec) and spec in tv.models.list_models():
-        model = tv.models.get_model(spec, weights=None)  # weights=None: random init, nothing downloaded
+        model = tv.models.get_model(spec, **_no_download(tv, spec))
         gen = torch.Generator().manual_seed(0)
         return model.eval(), torch.randn(*TORCHVISION_INPUT_SHAPE, generator=gen)
     path = Path(spec).expanduser()
@@ -150,6 +150,17 @@ def load_model(spec: str, trust_pickle: bool = False) -> tuple[nn.Module, object
     stray = f"; to load the file {spec} in this folder, write ./{spec}" if path.exists() else ""
     raise UserError(f"MODEL {spec!r} is not a built-in example ({names}) and {tv_note}{stray}; MODEL may "
                     "also be package.module:factory, file.py:name or a path")
+
+
+def _no_download(tv, name: str) -> dict:
+    """Builder arguments for random init without any download: ``weights=None``, and for detection and
+    segmentation models also ``weights_backbone=None`` (its default is a pretrained backbone)."""
+    import inspect
+
+    kwargs = {"weights": None}
+    if "weights_backbone" in inspect.signature(tv.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None
+    return kwargs
 
 
 def _weights_only_refusal(exc: BaseException) -> str | None:

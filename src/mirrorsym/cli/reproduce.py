@@ -79,10 +79,10 @@ def validate(names, size, out, device, backend, address, data_dir):
                         "(or use --backend local)")
     if address is not None and backend != "ray":
         raise UserError("--address is a Ray cluster address: use it with --backend ray")
-    out = require_writable_dir(out, "--out")
     notes = []
     if data_dir is not None:
         data_dir, notes = check_data_dir(Path(data_dir), chosen, reg, size)
+    out = require_writable_dir(out, "--out")  # last: a mistake above leaves no empty folder behind
     return chosen, out, data_dir, notes
 
 

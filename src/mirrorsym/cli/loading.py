@@ -244,14 +244,16 @@ def _import_module(where: str, spec: str):
         mspec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(mspec)
         sys.modules[name] = module  # dataclasses and pickling look classes up by module name
-        sys.path.insert(0, str(file.resolve().parent))  # the file imports its neighbours, as `python file.py`
+        folder = str(file.resolve().parent)
+        sys.path.insert(0, folder)  # the file imports its neighbours, as under `python file.py`
         try:
             mspec.loader.exec_module(module)
         except Exception as exc:
-            del sys.modules[name]
+            sys.modules.pop(name, None)
             raise UserError(f"MODEL {spec}: running {where} raised {type(exc).__name__}: {one_line(exc)}") from exc
         finally:
-            sys.path.remove(str(file.resolve().parent))
+            if folder in sys.path:
+                sys.path.remove(folder)
         return module
     if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", where):
         raise UserError(f"MODEL {spec}: {where!r} is neither a .py file nor a module path like "

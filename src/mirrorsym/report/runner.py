@@ -99,11 +99,11 @@ def _read_results(path: Path) -> dict | None:
     """The stored results, or None if there are none. A damaged file (not JSON, keys missing, checksum
     mismatch) is reported by name and moved aside, so the caller recomputes instead of failing."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        saved = json.loads(text)
+        saved = json.loads(raw)
         if not isinstance(saved, dict) or any(k not in saved for k in (*RESULT_KEYS, "sha256")):
             raise ValueError("not the expected JSON object with config, seconds, results and sha256")
         if saved["sha256"] != _checksum(saved):

@@ -122,16 +122,16 @@ class ResultStore:
         not match) is reported and moved aside when ``heal``, else raises ``ValueError``."""
         path = self.root / META
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            meta = json.loads(text)
+            meta = json.loads(raw)
             if not isinstance(meta, dict):
                 raise DamagedFile("it is not a JSON object")
             if "sha256" in meta and meta["sha256"] != _content_sha(meta):
                 raise DamagedFile("its content does not match its sha256")
-        except (json.JSONDecodeError, DamagedFile) as exc:
+        except (ValueError, DamagedFile) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             reason = f"{exc}" if isinstance(exc, DamagedFile) else f"not valid JSON: {exc}"
             if not heal:
                 raise ValueError(f"mirrorsym.sweep: {path} is damaged ({reason}); rerun the sweep to rebuild "
@@ -335,7 +335,7 @@ class ResultStore:
         sum_path = _sum_path(path)
         moved_sum = move_aside(sum_path) if sum_path.exists() else None
         also = f" (and its checksum file to {moved_sum.name})" if moved_sum else ""
-        warnings.warn(f"mirrorsym.sweep: chunk file {path} is damaged: {reason}. Moved it aside to {moved.name}"
+        warnings.warn(f"mirrorsym.sweep: chunk file {path} is damaged ({reason}); moved it aside to {moved.name}"
                       f"{also}; its runs will be trained again", stacklevel=4)
         self._verified.pop(path, None)
 

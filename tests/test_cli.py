@@ -95,6 +95,15 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"mirrorsym {mirrorsym.__version__}"
 
 
+@pytest.mark.parametrize("command", ["scan", "diagnose"])
+def test_help_states_the_conventions(command):
+    result = cli.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps help text in boxed columns
+    assert result.exit_code == 0
+    assert "FULL shape including the batch dimension" in text and "--input-dtype" in text
+    assert "--trust-pickle" in text and "EXECUTES CODE FROM THE FILE" in text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # untrusted files
 

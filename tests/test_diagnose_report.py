@@ -7,7 +7,6 @@ tests that use the real detector are in test_diagnose_detect.py.
 import math
 import sys
 import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,23 +14,10 @@ import torch
 from torch import nn
 
 import mirrorsym as ms
+from mirrorsym.detect import Permutation, Rotation, SignFlip
 from mirrorsym.diagnose import metrics as M
-from mirrorsym.diagnose.units import factors, unit_matrix
 
 H, K_DEAD, DUPS = 12, (3, 7), (9, 10, 11)  # units 9, 10, 11 duplicate unit 0
-
-
-@dataclass
-class StandInGroup:
-    kind: str
-    params: dict
-    name: str | None = None
-    size: int | None = None
-
-
-class StandInMap:
-    def __init__(self, groups):
-        self.groups = groups
 
 
 def planted_mlp(eps=1e-9, act=nn.Tanh):
@@ -55,12 +41,10 @@ def mlp_spec(n=H):
 
 
 def mlp_map():
-    return StandInMap(
-        [
-            StandInGroup("permutation", mlp_spec(), "perm:hidden"),
-            StandInGroup("sign_flip", mlp_spec(), "sign:hidden"),
-        ]
-    )
+    return [
+        Permutation.from_spec(mlp_spec(), H, label="perm:hidden"),
+        SignFlip.from_spec(mlp_spec(), H, roles={"2.weight": "sink"}, label="sign:hidden"),
+    ]
 
 
 class Attention(nn.Module):
@@ -95,25 +79,25 @@ def attention_map(att):
     for h in range(att.heads):
         rows = list(range(h * att.dh, (h + 1) * att.dh))
         groups.append(
-            StandInGroup(
-                "rotation",
+            Rotation.from_spec(
                 {
                     "q_proj.weight": (0, rows),
                     "q_proj.bias": (0, rows),
                     "k_proj.weight": (0, rows),
                     "k_proj.bias": (0, rows),
                 },
-                f"qk:{h}",
+                att.dh,
+                label=f"qk:{h}",
             )
         )
         groups.append(
-            StandInGroup(
-                "rotation",
+            Rotation.from_spec(
                 {"v_proj.weight": (0, rows), "v_proj.bias": (0, rows), "out_proj.weight": (1, rows)},
-                f"ov:{h}",
+                att.dh,
+                label=f"ov:{h}",
             )
         )
-    return StandInMap(groups)
+    return groups
 
 
 # --------------------------------------------------------------------------------------- weights only
@@ -136,8 +120,8 @@ def test_planted_dead_and_duplicated_units_are_found_exactly():
     ]
     for _, row in df.iterrows():
         assert row["units"] == H and row["dead"] == len(K_DEAD)
-        # 12 units - 2 dead (one cluster of zeros) - 3 copies of unit 0 = 8 distinct
-        assert row["distinct"] == H - len(K_DEAD) + 1 - len(DUPS)
+        # 12 units - 2 dead (never distinct) - 3 copies of unit 0 = 7 distinct
+        assert row["distinct"] == H - len(K_DEAD) - len(DUPS)
         assert all(math.isnan(row[c]) for c in ("eff_rank", "approx_rank", "srank", "stable_rank", "num_rank"))
     perm, sign = df.iloc[0], df.iloc[1]
     U = torch.cat([net[0].weight, net[0].bias[:, None], net[2].weight.T], 1)
@@ -147,10 +131,13 @@ def test_planted_dead_and_duplicated_units_are_found_exactly():
     assert M.distinct_units(U[alive]) == H - len(K_DEAD) - len(DUPS)
 
 
-def test_duplicates_broken_above_tolerance_are_distinct():
-    net = planted_mlp(eps=1e-3)
-    df = ms.diagnose(net, torch.randn(2, 5, dtype=torch.float64), symmetries=mlp_map()).to_pandas()
-    assert (df["distinct"] == H - len(K_DEAD) + 1).all()
+def test_duplicate_tolerance_is_separate_from_the_dead_floor():
+    net = planted_mlp(eps=0.02)  # copies ~10 % apart: duplicates only under a looser duplicate_tol
+    x = torch.randn(2, 5, dtype=torch.float64)
+    tight = ms.diagnose(net, x, symmetries=mlp_map(), duplicate_tol=1e-3).to_pandas()
+    loose = ms.diagnose(net, x, symmetries=mlp_map(), duplicate_tol=0.5).to_pandas()
+    assert (tight["distinct"] == H - len(K_DEAD)).all() and (tight["dead"] == len(K_DEAD)).all()
+    assert (loose["distinct"] < H - len(K_DEAD)).all() and (loose["dead"] == len(K_DEAD)).all()
 
 
 def test_swap_distance_matches_the_mirror():
@@ -160,24 +147,21 @@ def test_swap_distance_matches_the_mirror():
             net[0].weight[j] = torch.arange(5.0, dtype=torch.float64) + j
     params = dict(net.named_parameters())
     spec = mlp_spec()
-    df = ms.diagnose(net, None, symmetries=StandInMap([StandInGroup("permutation", spec)])).to_pandas()
+    df = ms.diagnose(net, None, symmetries=[Permutation.from_spec(spec, H)]).to_pandas()
     pairs = [(i, j) for i in range(H) for j in range(i + 1, H)]
     unit = lambda i: {"0.weight": (0, [i]), "0.bias": (0, [i]), "2.weight": (1, [i])}  # noqa: E731
     ref = min(ms.Mirror.swap(unit(i), unit(j)).distance(params).item() for i, j in pairs)
     assert 0 < df["distance"][0] == pytest.approx(ref, rel=1e-6)
 
 
-def test_group_distance_method_is_used_when_present():
-    class WithDistance(StandInGroup):
-        def distance(self, model):
-            return torch.tensor(0.125)
-
+def test_distance_column_is_each_groups_own_distance():
     net = planted_mlp()
-    df = ms.diagnose(net, None, symmetries=[WithDistance("sign_flip", mlp_spec())]).to_pandas()
-    assert df["distance"][0] == 0.125
-    # permutation distances come from the clustering's Gram matrix (same definition, exact re-measure)
-    df = ms.diagnose(net, None, symmetries=[WithDistance("permutation", mlp_spec())]).to_pandas()
-    assert df["distance"][0] == 0.0
+    with torch.no_grad():
+        for j in K_DEAD:
+            net[0].weight[j] = 0.1 * (j + 1)
+    groups = mlp_map()
+    df = ms.diagnose(net, None, symmetries=groups).to_pandas()
+    assert list(df["distance"]) == [g.distance(net) for g in groups]
 
 
 def test_attention_head_rank_is_found_exactly():
@@ -197,10 +181,7 @@ def test_attention_head_rank_is_found_exactly():
     assert df.loc["qk:1", "stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9)
     assert np.isnan(df.loc["qk:1", "dead"]) and np.isnan(df.loc["qk:1", "distinct"])
     # distance to the nearest rotation surface: σ_min of the head's unit matrix
-    U = unit_matrix(
-        dict(att.named_parameters()),
-        __import__("mirrorsym").core.parse_spec(attention_map(att).groups[2].params),
-    )
+    U = attention_map(att)[2].unit_matrix(att)
     assert df.loc["qk:1", "distance"] == pytest.approx(torch.linalg.svdvals(U)[-1].item(), rel=1e-9)
 
 
@@ -208,16 +189,14 @@ def test_packed_projection_pieces_become_two_factors():
     mha = nn.MultiheadAttention(8, 2, bias=False).double()
     q_rows, k_rows = list(range(0, 4)), list(range(8, 12))
     spec = {"in_proj_weight": (0, q_rows + k_rows)}
-    fs = factors(dict(mha.named_parameters()), ms.core.parse_spec(spec), k=4)
-    assert list(fs) == ["in_proj_weight[0]", "in_proj_weight[1]"]
+    group = Rotation.from_spec(spec, 4)  # piece-major: unit u = query row u and key row 8 + u
+    fs = group.factors(mha)
+    assert list(fs) == ["in_proj_weight", "in_proj_weight[1]"]
     torch.testing.assert_close(fs["in_proj_weight[1]"], mha.in_proj_weight[8:12].detach())
-    df = ms.diagnose(mha, None, symmetries=[StandInGroup("rotation", spec, size=4)]).to_pandas()
+    df = ms.diagnose(mha, None, symmetries=[group]).to_pandas()
     assert df["units"][0] == 4 and df["num_rank"][0] == 4
     P = mha.in_proj_weight[0:4].T @ mha.in_proj_weight[8:12]
     assert df["stable_rank"][0] == pytest.approx(M.stable_rank(P.detach()).item(), rel=1e-9)
-    # without the unit count the spec reads as 8 units of one factor: no invariant product, NaN ranks
-    df = ms.diagnose(mha, None, symmetries=[StandInGroup("rotation", spec)]).to_pandas()
-    assert df["units"][0] == 8 and np.isnan(df["num_rank"][0])
 
 
 def test_summary_and_plots(tmp_path):
@@ -225,7 +204,7 @@ def test_summary_and_plots(tmp_path):
     att = planted_attention()
     rep = ms.diagnose(net, None, symmetries=mlp_map())
     text = rep.summary()
-    assert "dead units: 2 of 12" in text and "distinct units: 8 of 12" in text
+    assert "dead units: 2 of 12" in text and "distinct units: 7 of 12" in text
     assert len(text.splitlines()) <= 8
     paths = rep.plot(tmp_path / "out")
     names = {p.name for p in paths}
@@ -242,8 +221,8 @@ def test_summary_and_plots(tmp_path):
 
 def test_report_refuses_a_map_of_another_model():
     with pytest.raises(KeyError, match="fc9.weight"):
-        ms.diagnose(planted_mlp(), None, symmetries=[StandInGroup("permutation", {"fc9.weight": (0, [0, 1])})])
-    with pytest.raises(TypeError, match="no .kind"):
+        ms.diagnose(planted_mlp(), None, symmetries=[Permutation.from_spec({"fc9.weight": (0, [0, 1])}, 2)])
+    with pytest.raises(TypeError, match="not a SymmetryGroup"):
         ms.diagnose(planted_mlp(), None, symmetries=[object()])
 
 
@@ -397,7 +376,7 @@ def test_monitor_history_over_training_keeps_planted_structure():
     assert sorted(set(hist["step"])) == [0, 3, 6] and len(hist) == 3 * 2
     assert list(hist.columns[:2]) == ["step", "group"]
     # THEORY §3: dead tanh units and planted duplicates are absorbing under GD
-    assert (hist["dead"] == len(K_DEAD)).all() and (hist["distinct"] == H - len(K_DEAD) + 1 - len(DUPS)).all()
+    assert (hist["dead"] == len(K_DEAD)).all() and (hist["distinct"] == H - len(K_DEAD) - len(DUPS)).all()
     with pytest.raises(ValueError, match="every"):
         ms.SymmetryMonitor(net, x[:2], every=0, symmetries=mlp_map())
 

@@ -12,7 +12,7 @@ import mirrorsym as ms
 from mirrorsym.core.finite import NonFiniteError
 from mirrorsym.core.slices import gather, parse_spec
 from mirrorsym.detect.find import verify_groups
-from mirrorsym.detect.groups import SymmetryGroup, random_elements
+from mirrorsym.detect.groups import make_group, random_elements
 
 
 def tanh_mlp(seed=0):
@@ -97,7 +97,7 @@ def test_diagnose_refuses_nan_weights_and_nan_probe_data():
 
 # ---------------------------------------------------------------- non-identity elements
 def _group(kind, size):
-    return SymmetryGroup(kind, size, [], [])
+    return make_group(kind, size, [], [])
 
 
 @pytest.mark.parametrize("kind", ["permutation", "sign_flip", "rescale", "scale", "bn_scale", "rotation"])
@@ -125,7 +125,7 @@ def test_each_group_is_verified_alone():
     model = tanh_mlp()
     x = torch.randn(5, 4)
     good = list(ms.find_symmetries(model, x))
-    wrong = SymmetryGroup("rotation", 6, [m for g in good if g.kind == "permutation" for m in g.members], ["0", "2"])
+    wrong = make_group("rotation", 6, [m for g in good if g.kind == "permutation" for m in g.members], ["0", "2"])
     wrong.shapes = {m.name: tuple(model.get_parameter(m.name).shape) for m in wrong.members}
     for m in wrong.members:
         m.role = "source" if m.name.startswith("0.") else "sink"

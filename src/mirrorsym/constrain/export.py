@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..detect.find import private_class
 from .parametrizations import LowRank
 from .units import BATCHNORMS, CONVS, UnitGroup, unit_groups
 
@@ -74,7 +75,7 @@ def bake(model: nn.Module) -> dict[str, int]:
         plist = getattr(module, "parametrizations", None)
         if not plist:
             continue
-        _private_class(module)
+        private_class(module)
         for name in list(plist):
             if (
                 name == "weight"
@@ -84,18 +85,6 @@ def bake(model: nn.Module) -> dict[str, int]:
                 low_rank_linears[path] = next(p.rank for p in plist[name] if isinstance(p, LowRank))
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return low_rank_linears
-
-
-def _private_class(module: nn.Module) -> None:
-    """Give a parametrized module its own copy of its injected class.
-
-    ``torch.nn.utils.parametrize`` keeps the parametrized tensors as properties of a per-module class that
-    a deepcopy *shares*; removing a parametrization deletes the property from that class, which would break
-    the original model. A private copy confines the removal to the exported copy.
-    """
-    cls = module.__class__
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _tensor(model, full_name):

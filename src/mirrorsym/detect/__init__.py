@@ -13,13 +13,31 @@ and a :class:`DetectWarning` names them. Every group is verified numerically bef
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes
 from .find import find_symmetries, verify_groups
-from .groups import KINDS, Member, SymmetryGroup
+from .groups import (
+    KINDS,
+    BNScale,
+    Member,
+    Permutation,
+    Rescale,
+    Rotation,
+    Scale,
+    SignFlip,
+    SymmetryGroup,
+    make_group,
+)
 from .registry import register_rule
 from .smap import SymmetryMap
 from .trace import DetectWarning, UntraceableModelError
 
 __all__ = [
     "ANY",
+    "BNScale",
+    "Permutation",
+    "Rescale",
+    "Rotation",
+    "Scale",
+    "SignFlip",
+    "make_group",
     "KINDS",
     "NEG",
     "NONE",

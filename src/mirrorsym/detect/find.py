@@ -9,11 +9,12 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.finite import check_finite, check_materialized, check_module_finite
 from ..core.mirror import _flatten_outputs, output_change
 from .context import ANY, NEG, NONE, POS
-from .groups import Member, SymmetryGroup, random_elements
+from .groups import Member, Rotation, SymmetryGroup, make_group, random_elements
 from .smap import SymmetryMap
 from .trace import Detector, DetectWarning
 
@@ -31,9 +32,13 @@ def find_symmetries(
     copy changes every output by at most ``tol`` relative (max |Δy| / max |y|); groups that fail are
     dropped with a :class:`DetectWarning` naming them. Verification runs in eval mode because dropout
     is random and train-mode BatchNorm uses batch statistics; the groups hold in train mode as well
-    (in distribution for dropout, up to BatchNorm's eps for bn_scale).
+    (in distribution for dropout, up to BatchNorm's eps for bn_scale). A model under
+    ``torch.nn.utils.parametrize`` (e.g. ``ms.constrain``) is read as its plain twin
+    (:func:`plain_twin`): the groups name the plain tensors, and act on the constrained model through
+    its parametrizations.
     """
     check_materialized(model)
+    model = plain_twin(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     det = Detector(model)
     det.run(inputs)
@@ -57,6 +62,32 @@ def find_symmetries(
                 )
         smap = SymmetryMap(kept, unknown_ops=dict(det.unknown))
     return smap
+
+
+def plain_twin(model: nn.Module) -> nn.Module:
+    """``model`` itself when nothing in it is parametrized, else a deep copy with every
+    parametrization baked into a plain tensor (same names as before registration, same function)."""
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if parametrize.is_parametrized(module):
+            private_class(module)
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return twin
+
+
+def private_class(module: nn.Module) -> None:
+    """Give a parametrized module its own copy of its injected class.
+
+    ``torch.nn.utils.parametrize`` keeps the parametrized tensors as properties of a per-module class that
+    a deepcopy *shares*; removing a parametrization deletes the property from that class, which would break
+    the original model. A private copy confines the removal to the copy.
+    """
+    cls = module.__class__
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 # ---------------------------------------------------------------------------- verification
@@ -250,10 +281,10 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
                     det, leaf, n, keys, group, rot, contracted, members, coords, is_buffer, bn_eps
                 )
             )
-        rotations = [g for g in seg_groups if g.kind == "rotation"]
+        rotations = [g for g in seg_groups if isinstance(g, Rotation)]
         covered = {m.name for g in rotations for m in g.members}
         if not (rotations and all(m.name in covered for m in class_members if not m.buffer)):
-            groups.append(SymmetryGroup("permutation", n, class_members, _layers(class_members)))
+            groups.append(make_group("permutation", n, class_members, _layers(class_members)))
         groups.extend(seg_groups)
     order = {name: i for i, name in enumerate(det._param_axes)}  # first use in the forward pass
     for i, g in enumerate(groups):
@@ -333,7 +364,7 @@ def _segment_groups(det, leaf, n, keys, group, rot, contracted, members, coords,
         kind = "bn_scale"
     else:
         kind = {ANY: "scale", POS: "rescale", NEG: "sign_flip"}[g]
-    grp = SymmetryGroup(kind, n, out_members, _layers(out_members), signs=bool(g & NEG))
+    grp = make_group(kind, n, out_members, _layers(out_members), signs=bool(g & NEG))
     return [grp]
 
 
@@ -352,7 +383,7 @@ def _rotation_groups(det, leaf, n, keys, roles, coord_of, is_buffer):
             if idx is None:
                 return []
             ms.append(Member(name, dim, idx, role, is_buffer[name]))
-        return [SymmetryGroup("rotation", n, ms, _layers(ms))]
+        return [make_group("rotation", n, ms, _layers(ms))]
     head_leaf, head_coords = heads
     out = []
     for h in range(store.size[head_leaf]):
@@ -362,7 +393,7 @@ def _rotation_groups(det, leaf, n, keys, roles, coord_of, is_buffer):
             if idx is None:
                 return []
             ms.append(Member(name, dim, idx, role, is_buffer[name]))
-        grp = SymmetryGroup("rotation", n, ms, _layers(ms))
+        grp = make_group("rotation", n, ms, _layers(ms))
         grp.notes.append(f"head {h}")
         out.append(grp)
     return out

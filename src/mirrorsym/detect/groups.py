@@ -1,6 +1,6 @@
 """Typed symmetry groups: how they act on a model, their mirrors and their symmetric surfaces.
 
-Kinds (``SymmetryGroup.kind``):
+One class per kind, all subclasses of :class:`SymmetryGroup` (``kind`` names the class):
 
 * ``"permutation"``: the ``size`` units of a layer-level family (hidden units, channels, heads, the
   units of a residual stream) permuted together. Element: a permutation ``perm`` (unit u takes the
@@ -32,16 +32,19 @@ Kinds (``SymmetryGroup.kind``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core import Mirror
+from ..core.slices import parse_spec
 
-KINDS = ("permutation", "sign_flip", "rescale", "scale", "bn_scale", "rotation")
 ROTATION_MIRROR_LIMIT = 20_000_000  # entries of the dense O per sampled rotation mirror
 
 
@@ -62,21 +65,62 @@ class Member:
     eps: float = 0.0
 
 
-@dataclass
+@dataclass(repr=False)
 class SymmetryGroup:
-    """A verified, typed group acting on named parameter slices (see the module docstring)."""
+    """A verified, typed group acting on named parameter slices: the base of one class per kind
+    (:class:`Permutation`, :class:`SignFlip`, :class:`Rescale`, :class:`Scale`, :class:`BNScale`,
+    :class:`Rotation`; see the module docstring). Build one with :func:`make_group`.
 
-    kind: str
+    Every class owns ``random_element`` (never the identity), ``apply_`` (in place, function-preserving),
+    ``mirrors`` (its reflections as core Mirrors), ``distance`` (to its nearest symmetric surface) and
+    ``unit_matrix`` (one row of coordinates per unit). Names are ``named_parameters()`` names of the plain
+    model; on a model under ``torch.nn.utils.parametrize`` (e.g. ``ms.constrain``) they name the
+    parametrized tensors' current values, read through the parametrization and written back through
+    its ``right_inverse``.
+    """
+
+    kind: ClassVar[str] = ""
+    # roles that carry a unit's coordinates in unit_matrix (passive members only move with the units)
+    unit_roles: ClassVar[tuple[str, ...] | None] = None
+
     size: int
     members: list[Member]
     layers: list[str]
-    signs: bool = True  # for bn_scale: whether sign flips are included
+    signs: bool = True  # BNScale: whether the sign flips are part of the group
     # verification: max relative output change (float64, eval mode) after one non-identity element of
     # this group alone
     error: float | None = None
     label: str = ""
     notes: list[str] = field(default_factory=list)
     shapes: dict = field(default_factory=dict, repr=False)  # name -> shape of every moved tensor
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: dict,
+        size: int,
+        *,
+        roles: dict[str, str] | None = None,
+        like: dict[str, torch.Tensor] | None = None,
+        label: str = "",
+    ) -> SymmetryGroup:
+        """A group of this class written by hand as a slice spec ``{name: (dim, indices)}``.
+
+        Each index list holds r pieces of ``size`` units, piece-major: unit u of piece j sits at
+        ``indices[j·size + u]`` (e.g. a head's query rows then its key rows of a packed projection).
+        ``roles``: per tensor name, "source" (scaled by d), "sink" (by 1/d) or "passive" (default:
+        "source" for diagonal kinds, else "passive"). ``like``: the model's parameters, to record shapes
+        (needed by ``mirrors()`` and ``num_coordinates``)."""
+        default = "source" if issubclass(cls, _Diagonal) else "passive"
+        members = []
+        for s in parse_spec(spec):
+            if len(s.indices) % size:
+                raise ValueError(f"{s.name!r} lists {len(s.indices)} indices, not a multiple of size={size}")
+            index = torch.tensor(s.indices, dtype=torch.long).reshape(-1, size).T.contiguous()
+            members.append(Member(s.name, s.dim, index, (roles or {}).get(s.name, default)))
+        layers = list(dict.fromkeys(m.name.rpartition(".")[0] or "<root>" for m in members))
+        shapes = {m.name: tuple(like[m.name].shape) for m in members} if like is not None else {}
+        return cls(size, members, layers, label=label or f"{cls.kind} [{', '.join(layers[:3])}]", shapes=shapes)
 
     # ------------------------------------------------------------------ description
     @property
@@ -109,62 +153,81 @@ class SymmetryGroup:
 
     def __repr__(self) -> str:
         err = "unverified" if self.error is None else f"err={self.error:.1e}"
-        return f"SymmetryGroup({self.kind}, size={self.size}, layers={self.layers}, {err})"
+        return f"{type(self).__name__}(size={self.size}, layers={self.layers}, {err})"
 
-    # ------------------------------------------------------------------ elements
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "size": self.size,
+            "layers": self.layers,
+            "params": {k: [d, i] for k, (d, i) in self.params.items()},
+            "buffers": {k: [d, i] for k, (d, i) in self.buffers.items()},
+            "verification_error": self.error,
+            "notes": self.notes,
+        }
+
+    # ------------------------------------------------------------------ the interface of every kind
     def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A random element that is never the identity: a permutation (n,) long that moves at least two
-        units, a diagonal (n,) float64 (sign flips: at least one −1; scalings: log-normal factors, ≠ 1
-        almost surely), or a Haar rotation Q (n, n) float64 with Q ≠ I."""
-        n = self.size
-        if self.kind == "permutation":
-            return _moving_permutation(n, generator)
-        if self.kind == "rotation":
-            return _non_identity(haar_orthogonal(1, n, generator)[0])
-        scale = torch.exp(0.5 * torch.randn(n, generator=generator, dtype=torch.float64))
-        sign = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
-        if bool((sign > 0).all()):
-            sign[torch.randint(n, (1,), generator=generator)] = -1.0
-        if self.kind == "sign_flip":
-            return sign
-        if self.kind == "rescale" or (self.kind == "bn_scale" and not self.signs):
-            return scale
-        return scale * sign
+        """A random element of the group that is never the identity."""
+        raise NotImplementedError(f"{type(self).__name__} must define random_element")
 
+    def mirrors(
+        self, include_buffers: bool = False, count: int | None = None, generator: torch.Generator | None = None
+    ) -> list[Mirror]:
+        """The reflections in this group as core Mirrors (each kind says which)."""
+        raise NotImplementedError(f"{type(self).__name__} must define mirrors")
+
+    def distance(self, model: nn.Module) -> float:
+        """Euclidean distance of the current parameters to the nearest symmetric surface of this group."""
+        raise NotImplementedError(f"{type(self).__name__} must define distance")
+
+    def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define _act_")
+
+    # ------------------------------------------------------------------ shared machinery
     def apply_(self, model: nn.Module, element: torch.Tensor) -> nn.Module:
         """Act on ``model``'s parameters and buffers in place with ``element``; returns ``model``."""
         element = torch.as_tensor(element)
-        with torch.no_grad():
+        with torch.no_grad(), _writable(model, self.members) as tensors:
             for m in self.members:
-                t = _tensor(model, m.name, m.buffer)
-                if self.kind == "permutation":
-                    _permute_(t, m, element)
-                elif self.kind == "rotation":
-                    _rotate_(t, m, element)
-                else:
-                    _scale_(t, m, element)
+                self._act_(tensors[m.name], m, element)
         return model
 
-    # ------------------------------------------------------------------ mirrors and surfaces
-    def mirrors(
-        self,
-        include_buffers: bool = False,
-        count: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[Mirror]:
-        """The reflections in this group as core Mirrors.
+    def unit_matrix(self, model: nn.Module) -> torch.Tensor:
+        """(size, F) float64: row u stacks every parameter coordinate of unit u (buffers excluded)."""
+        rows = []
+        for m in self.members:
+            if m.buffer or (self.unit_roles is not None and m.role not in self.unit_roles):
+                continue
+            t = _tensor(model, m.name, False).detach().double()
+            sub = t.index_select(m.dim, m.index.reshape(-1).to(t.device)).movedim(m.dim, 0)
+            rows.append(sub.reshape(self.size, -1).cpu())
+        return torch.cat(rows, dim=1)
 
-        permutation: swaps of units (i, i+1) (or ``count`` random pairs); sign_flip / scale / bn_scale:
-        one sign flip per unit (``count`` first units); rescale: none (no reflection in (0, ∞)ⁿ);
-        rotation: ``count`` (default ``size``) sampled reflections I − 2vvᵀ, built densely (raises when
-        O would exceed ``ROTATION_MIRROR_LIMIT`` entries). ``include_buffers``: also move the buffers
-        (then evaluate them on ``{**named_parameters, **named_buffers}``). Groups that move one tensor
-        along two dims cannot be written as core Mirrors (a core mirror moves a tensor along one dim):
-        this raises ValueError; use ``apply_`` instead.
-        """
+    def canonical_units(self, model: nn.Module) -> torch.Tensor:
+        """(size, F) float64 unit vectors with this group's own action quotiented out, so that two units
+        that differ only by an element of the group compare equal (diagnose counts duplicates on these).
+        The base class returns :meth:`unit_matrix`; diagonal kinds pick one representative per orbit."""
+        return self.unit_matrix(model)
+
+    def _role_blocks(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sources (size, F_s), sinks (size, F_k)) float64: the coordinates scaled by d and by 1/d."""
+        parts: dict[str, list[torch.Tensor]] = {"source": [], "sink": []}
+        for m in self.members:
+            if m.buffer or m.role not in parts:
+                continue
+            t = _tensor(model, m.name, False).detach().double()
+            sub = t.index_select(m.dim, m.index.reshape(-1).to(t.device)).movedim(m.dim, 0)
+            parts[m.role].append(sub.reshape(self.size, -1).cpu())
+        empty = torch.zeros(self.size, 0, dtype=torch.float64)
+        return tuple(torch.cat(v, dim=1) if v else empty for v in parts.values())
+
+    def _checked_members(self, include_buffers: bool, roles: tuple[str, ...] | None = None) -> list[Member]:
+        """Members a core Mirror can express (one dim per tensor), else a ValueError that says so."""
         members = [m for m in self.members if include_buffers or not m.buffer]
-        if self.kind in ("sign_flip", "scale", "bn_scale"):
-            members = [m for m in members if m.role in ("source", "sink", "gamma", "running_mean")]
+        if roles is not None:
+            members = [m for m in members if m.role in roles]
         names: dict[str, int] = {}
         for m in members:
             if names.setdefault(m.name, m.dim) != m.dim:
@@ -173,26 +236,170 @@ class SymmetryGroup:
                     "core Mirror moves a tensor along one dim only, so this group has no Mirror form. "
                     "Use g.apply_(model, g.random_element()) instead."
                 )
-        if self.kind == "rescale" or (self.kind == "bn_scale" and not self.signs):
-            return []
-        if self.kind == "permutation":
-            n = self.size
-            if count is None:
-                pairs = [(i, i + 1) for i in range(n - 1)]
-            else:
-                pairs = []
-                for _ in range(count):
-                    i, j = torch.randperm(n, generator=generator)[:2].tolist()
-                    pairs.append((i, j))
-            return [Mirror.swap(_unit_spec(members, i), _unit_spec(members, j)) for i, j in pairs]
-        if self.kind == "rotation":
-            return self._rotation_mirrors(members, count or self.size, generator)
-        units = range(self.size if count is None else min(count, self.size))
-        return [
-            Mirror.sign_flip(_unit_spec([m for m in members if m.role != "running_var"], u)) for u in units
-        ]
+        return members
 
-    def _rotation_mirrors(self, members, count, generator) -> list[Mirror]:
+
+@dataclass(repr=False)
+class Permutation(SymmetryGroup):
+    """The units permuted together. Element: ``perm`` (n,) long, unit u takes the weights of unit
+    ``perm[u]``. Mirrors: swaps of units (surface: two identical units). Distance: min ‖θ_i − θ_j‖/√2."""
+
+    kind: ClassVar[str] = "permutation"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A uniformly random permutation that moves at least two units."""
+        return _moving_permutation(self.size, generator)
+
+    def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
+        _permute_(t, m, element)
+
+    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+        """Swaps (i, i+1) of neighbouring units, or ``count`` random pairs."""
+        members = self._checked_members(include_buffers)
+        n = self.size
+        if count is None:
+            pairs = [(i, i + 1) for i in range(n - 1)]
+        else:
+            pairs = [tuple(torch.randperm(n, generator=generator)[:2].tolist()) for _ in range(count)]
+        return [Mirror.swap(_unit_spec(members, i), _unit_spec(members, j)) for i, j in pairs]
+
+    def distance(self, model: nn.Module) -> float:
+        d = torch.cdist(*(2 * [self.unit_matrix(model)]))
+        d.fill_diagonal_(float("inf"))
+        return float(d.min()) / math.sqrt(2.0)
+
+
+@dataclass(repr=False)
+class _Diagonal(SymmetryGroup):
+    """Per-unit scalings d (n,) float64: sources × d, sinks × 1/d (see :class:`Member`)."""
+
+    unit_roles: ClassVar[tuple[str, ...] | None] = ("source", "sink", "gamma", "running_mean", "running_var")
+    mirror_roles: ClassVar[tuple[str, ...]] = ("source", "sink", "gamma", "running_mean")
+
+    def _draw(self, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-normal scales, signs with at least one −1), from one generator in a fixed order."""
+        n = self.size
+        scale = torch.exp(0.5 * torch.randn(n, generator=generator, dtype=torch.float64))
+        sign = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        if bool((sign > 0).all()):
+            sign[torch.randint(n, (1,), generator=generator)] = -1.0
+        return scale, sign
+
+    def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
+        _scale_(t, m, element)
+
+    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+        """One sign flip per unit (the ``count`` first units); none for positive-only groups."""
+        members = self._checked_members(include_buffers, self.mirror_roles)
+        if not self.has_sign_flips:
+            return []
+        units = range(self.size if count is None else min(count, self.size))
+        return [Mirror.sign_flip(_unit_spec(members, u)) for u in units]
+
+    @property
+    def has_sign_flips(self) -> bool:
+        return True
+
+    def distance(self, model: nn.Module) -> float:
+        """min over units of ‖θ_u‖: the distance to the nearest dead-unit surface."""
+        return float(self.unit_matrix(model).norm(dim=1).min())
+
+    def canonical_units(self, model: nn.Module) -> torch.Tensor:
+        """[sources · c_u, sinks / c_u] with c_u > 0 balancing ‖sources‖ = ‖sinks‖ (the orbit point of
+        least norm under positive rescaling), then, for groups with sign flips, the sign that makes the
+        largest source coordinate positive. A unit with an all-zero side is all zero: it is dead."""
+        src, snk = self._role_blocks(model)
+        a, b = src.norm(dim=1, keepdim=True), snk.norm(dim=1, keepdim=True)
+        if src.shape[1] and snk.shape[1]:
+            alive = (a > 0) & (b > 0)
+            c = torch.where(alive, torch.sqrt(b / torch.where(alive, a, 1.0)), 0.0)
+            src, snk = src * c, snk * torch.where(alive, 1.0 / torch.where(alive, c, 1.0), 0.0)
+        units = torch.cat([src, snk], dim=1)
+        if self.has_sign_flips and src.shape[1]:
+            lead = src.gather(1, src.abs().argmax(1, keepdim=True))
+            units = units * torch.where(lead < 0, -1.0, 1.0)
+        return units
+
+
+@dataclass(repr=False)
+class SignFlip(_Diagonal):
+    """Odd activations (tanh, sin, identity-like): d ∈ {±1}ⁿ. Mirrors: one sign flip per unit (surface:
+    the dead unit θ_u = 0)."""
+
+    kind: ClassVar[str] = "sign_flip"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Signs with at least one −1."""
+        return self._draw(generator)[1]
+
+
+@dataclass(repr=False)
+class Rescale(_Diagonal):
+    """Positively homogeneous activations (ReLU family, max pooling): d ∈ (0, ∞)ⁿ. A continuous group
+    with no reflection (``mirrors()`` is empty); its zero state is still absorbing, but Theorem 1's
+    threshold does not apply."""
+
+    kind: ClassVar[str] = "rescale"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Log-normal factors (≠ 1 almost surely)."""
+        return self._draw(generator)[0]
+
+    @property
+    def has_sign_flips(self) -> bool:
+        return False
+
+
+@dataclass(repr=False)
+class Scale(_Diagonal):
+    """Linear paths where only per-unit scaling passes: d ∈ (ℝ∖0)ⁿ (sign flips and rescalings)."""
+
+    kind: ClassVar[str] = "scale"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Log-normal factors times signs with at least one −1."""
+        scale, sign = self._draw(generator)
+        return scale * sign
+
+
+@dataclass(repr=False)
+class BNScale(_Diagonal):
+    """The weights feeding a BatchNorm: per channel, scaling by s > 0 is absorbed by the normalisation
+    and, when ``signs``, a sign flip by negating the BatchNorm weight (the (W, b, γ) → (−W, −b, −γ)
+    mirror). Running statistics are adjusted so that eval mode is exact."""
+
+    kind: ClassVar[str] = "bn_scale"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        scale, sign = self._draw(generator)
+        return scale * sign if self.signs else scale
+
+    @property
+    def has_sign_flips(self) -> bool:
+        return self.signs
+
+
+@dataclass(repr=False)
+class Rotation(SymmetryGroup):
+    """Q ∈ O(n) on the axis shared by two linear maps with only linear operations between them (rows of
+    the writer, columns of the reader, both sides of a q·k contraction). Element: Q (n, n) float64.
+    Mirrors: reflections I − 2vvᵀ. Distance: σ_min of the unit matrix (the distance to the nearest
+    rank-deficient configuration)."""
+
+    kind: ClassVar[str] = "rotation"
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A Haar rotation, never the identity."""
+        return _non_identity(haar_orthogonal(1, self.size, generator)[0])
+
+    def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
+        _rotate_(t, m, element)
+
+    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+        """``count`` (default ``size``) sampled reflections I − 2vvᵀ, built densely (raises when O would
+        exceed ``ROTATION_MIRROR_LIMIT`` entries)."""
+        members = self._checked_members(include_buffers)
+        count = count or self.size
         spec = _merged_spec(members, range(self.size))
         coords_per_unit = sum(_rest_size(m, self.shapes[m.name]) * m.index.shape[1] for m in members)
         if self.size * coords_per_unit**2 > ROTATION_MIRROR_LIMIT:
@@ -208,10 +415,8 @@ class SymmetryGroup:
         return out
 
     def reflection(self, v: torch.Tensor, include_buffers: bool = False) -> Mirror:
-        """Rotation groups: the core Mirror of the reflection I − 2vvᵀ/‖v‖² on the unit index (its
-        surface: every member's component along v is zero, e.g. W_Aᵀv = 0 and W_B v = 0)."""
-        if self.kind != "rotation":
-            raise ValueError(f"reflection(v) is for rotation groups; {self.label} is a {self.kind} group")
+        """The core Mirror of the reflection I − 2vvᵀ/‖v‖² on the unit index (its surface: every member's
+        component along v is zero, e.g. W_Aᵀv = 0 and W_B v = 0)."""
         v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
         if v.shape[0] != self.size:
             raise ValueError(f"v has {v.shape[0]} entries; this group acts on {self.size} units")
@@ -220,57 +425,85 @@ class SymmetryGroup:
             _rotation_basis(members, self.shapes, v / v.norm()), _merged_spec(members, range(self.size))
         )
 
-    def unit_matrix(self, model: nn.Module) -> torch.Tensor:
-        """(size, F) float64: row u stacks every parameter coordinate of unit u (buffers excluded)."""
-        rows = []
-        for m in self.members:
-            if m.buffer or (
-                self.kind in ("sign_flip", "scale", "rescale", "bn_scale") and m.role == "passive"
-            ):
-                continue
-            t = _tensor(model, m.name, False).detach().double()
-            sub = t.index_select(m.dim, m.index.reshape(-1).to(t.device)).movedim(m.dim, 0)
-            rows.append(sub.reshape(self.size, -1).cpu())
-        return torch.cat(rows, dim=1)
-
     def distance(self, model: nn.Module) -> float:
-        """Euclidean distance of the current parameters to the nearest symmetric surface of this group
-        (see the module docstring for each kind)."""
         M = self.unit_matrix(model)
-        if self.kind == "permutation":
-            d = torch.cdist(M, M)
-            d.fill_diagonal_(float("inf"))
-            return float(d.min()) / math.sqrt(2.0)
-        if self.kind == "rotation":
-            if M.shape[1] < M.shape[0]:
-                return 0.0
-            return float(torch.linalg.svdvals(M)[-1])
-        return float(M.norm(dim=1).min())
+        if M.shape[1] < M.shape[0]:
+            return 0.0
+        return float(torch.linalg.svdvals(M)[-1])
 
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "kind": self.kind,
-            "size": self.size,
-            "layers": self.layers,
-            "params": {k: [d, i] for k, (d, i) in self.params.items()},
-            "buffers": {k: [d, i] for k, (d, i) in self.buffers.items()},
-            "verification_error": self.error,
-            "notes": self.notes,
-        }
+    def factors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weight matrices the rotation acts between, (size, F) each: one per parameter member with
+        ≥ 2 dims and per column j of its index (a packed ``in_proj_weight`` holds a head's query rows in
+        column 0 and its key rows in column 1). Their invariant product M_aᵀ M_b (W_Qᵀ W_K per head,
+        W_O W_V, U W) carries the ranks that diagnose reports."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.members:
+            t = _tensor(model, m.name, m.buffer)
+            if m.buffer or t.dim() < 2:
+                continue
+            for j in range(m.index.shape[1]):
+                key, n = m.name, 0
+                while key in out:
+                    n += 1
+                    key = f"{m.name}[{n}]"
+                out[key] = t.detach().index_select(m.dim, m.index[:, j].to(t.device)).movedim(m.dim, 0).reshape(
+                    self.size, -1
+                )
+        return out
+
+
+GROUP_TYPES: dict[str, type[SymmetryGroup]] = {
+    cls.kind: cls for cls in (Permutation, SignFlip, Rescale, Scale, BNScale, Rotation)
+}
+KINDS = tuple(GROUP_TYPES)
+
+
+def make_group(kind: str, size: int, members: list[Member], layers: list[str], **fields) -> SymmetryGroup:
+    """The group of ``kind`` (one of :data:`KINDS`) over ``members``."""
+    try:
+        cls = GROUP_TYPES[kind]
+    except KeyError:
+        raise ValueError(f"unknown group kind {kind!r}; known: {list(GROUP_TYPES)}") from None
+    return cls(size, members, layers, **fields)
 
 
 # ---------------------------------------------------------------------------- actions
 
 
 def _tensor(model: nn.Module, name: str, buffer: bool) -> torch.Tensor:
+    """The tensor ``name`` of ``model``: a parameter or buffer, or the current value of a parametrized
+    tensor (``ms.constrain`` and other ``torch.nn.utils.parametrize`` users) under its plain name."""
+    path, _, leaf = name.rpartition(".")
     try:
+        module = model.get_submodule(path) if path else model
+        if parametrize.is_parametrized(module, leaf):
+            return getattr(module, leaf)
         return model.get_buffer(name) if buffer else model.get_parameter(name)
     except AttributeError as exc:
         raise KeyError(
             f"the group moves {name!r}, which this model does not have; apply a group only to "
             "the model it was found on (or a copy of it)"
         ) from exc
+
+
+@contextlib.contextmanager
+def _writable(model: nn.Module, members: list[Member]):
+    """{name: tensor to modify in place}; parametrized tensors are edited as copies and written back
+    through their parametrization's ``right_inverse`` when the block ends."""
+    tensors, writeback = {}, []
+    for m in members:
+        if m.name in tensors:
+            continue
+        path, _, leaf = m.name.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        if parametrize.is_parametrized(module, leaf):
+            tensors[m.name] = getattr(module, leaf).detach().clone()
+            writeback.append((module, leaf, m.name))
+        else:
+            tensors[m.name] = _tensor(model, m.name, m.buffer)
+    yield tensors
+    for module, leaf, name in writeback:
+        setattr(module, leaf, tensors[name])
 
 
 def _units_view(t: torch.Tensor, m: Member) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -344,7 +577,7 @@ def random_elements(groups: list[SymmetryGroup], generator: torch.Generator | No
     out: list = [None] * len(groups)
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
-        if g.kind == "rotation":
+        if isinstance(g, Rotation):
             by_size.setdefault(g.size, []).append(i)
         else:
             out[i] = g.random_element(generator=generator)

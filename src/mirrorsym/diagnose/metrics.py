@@ -15,6 +15,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +26,10 @@ from scipy.sparse.csgraph import connected_components
 MASS = 0.99
 #: Dormant: active on fewer than this fraction of the probe inputs (THEORY.md §7).
 DORMANT_FRACTION = 0.01
+#: dead unit: ‖u‖ ≤ DEAD_TOL · max_v ‖v‖ over the layer's units (an absolute floor at the layer's scale)
+DEAD_TOL = 1e-3
+#: duplicated living units: ‖u − v‖ ≤ DUPLICATE_TOL · max(‖u‖, ‖v‖) (a relative distance)
+DUPLICATE_TOL = 0.05
 #: Posterior collapse: a latent is active when Cov_x E[z_d | x] exceeds this (Burda et al. 2016).
 ACTIVE_LATENT_THRESHOLD = 0.01
 
@@ -195,6 +200,38 @@ def distinct_units(units: torch.Tensor, rtol: float | None = None) -> int:
     """Number of clusters of identical units ("independent units"), see :func:`unit_clusters`."""
     labels = unit_clusters(units, rtol)
     return int(labels.max()) + 1 if labels.size else 0
+
+
+@dataclass(frozen=True)
+class UnitCounts:
+    """Dead and duplicated units of one layer, from its (canonical) unit vectors.
+
+    ``dead``: units with ‖u‖ ≤ dead_tol · max_v ‖v‖ (one absolute floor for the whole layer, so a unit
+    at 1e-14 is dead whatever the others do). ``labels``: −1 for dead units, else the cluster of living
+    units (single linkage, ‖u − v‖ ≤ duplicate_tol · max(‖u‖, ‖v‖)). ``distinct``: the number of living
+    clusters, so dead units are never distinct and ``units − dead − distinct`` living units are
+    duplicates of another. ``closest``: min ‖u − v‖ over all pairs (NaN below two units)."""
+
+    labels: np.ndarray
+    dead: int
+    distinct: int
+    closest: float
+
+    @property
+    def duplicated(self) -> int:
+        return len(self.labels) - self.dead - self.distinct
+
+
+def count_units(units: torch.Tensor, dead_tol: float = DEAD_TOL, duplicate_tol: float = DUPLICATE_TOL) -> UnitCounts:
+    """Dead, distinct and duplicated units of a (n, F) unit matrix (see :class:`UnitCounts`)."""
+    units = _as_matrix(units, "units").detach().double()
+    dead = dead_units(units, dead_tol)
+    labels = np.full(units.shape[0], -1, dtype=np.int64)
+    alive = (~dead).nonzero().flatten()
+    if alive.numel():
+        labels[alive.cpu().numpy()] = cluster_units(units[alive], duplicate_tol)[0]
+    closest = cluster_units(units, duplicate_tol)[1] if units.shape[0] >= 2 else float("nan")
+    return UnitCounts(labels, int(dead.sum()), int(labels.max()) + 1 if alive.numel() else 0, float(closest))
 
 
 # ---------------------------------------------------------------------------- units from activations

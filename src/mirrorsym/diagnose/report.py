@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,20 +37,11 @@ import torch
 from torch import nn
 
 from ..core.finite import check_module_finite
+from ..detect.groups import Permutation, Rotation, SymmetryGroup
+from ..detect.smap import SymmetryMap
 from . import metrics as M
 from . import probe
-from .units import (
-    factors,
-    group_slices,
-    member_factors,
-    min_singular_value,
-    num_units,
-    product_spectrum,
-    rotation_surface_distance,
-    sign_surface_distance,
-    swap_surface_distance,
-    unit_matrix,
-)
+from .units import product_spectrum
 
 RANK_COLUMNS = ("eff_rank", "approx_rank", "srank", "stable_rank", "num_rank")
 GROUP_COLUMNS = ("group", "kind", "layer", "units", "dead", "distinct", "distance", *RANK_COLUMNS)
@@ -93,52 +84,23 @@ class DiagnoseReport:
 
 
 # -------------------------------------------------------------------------------------------- groups
-def _groups_of(symmetries) -> list:
-    groups = getattr(symmetries, "groups", symmetries)
-    if not isinstance(groups, Sequence):
-        groups = list(groups)
+def _groups_of(symmetries) -> list[SymmetryGroup]:
+    groups = list(symmetries.groups if isinstance(symmetries, SymmetryMap) else symmetries)
     for i, g in enumerate(groups):
-        for attr in ("kind", "params"):
-            if not hasattr(g, attr):
-                raise TypeError(
-                    f"symmetry group {i} ({type(g).__name__}) has no .{attr}; pass the SymmetryMap "
-                    "returned by ms.find_symmetries(model, example_inputs)"
-                )
-    return list(groups)
+        if not isinstance(g, SymmetryGroup):
+            raise TypeError(
+                f"symmetry group {i} is a {type(g).__name__}, not a SymmetryGroup; pass the SymmetryMap "
+                "returned by ms.find_symmetries(model, example_inputs), or groups built with "
+                "ms.detect.Permutation.from_spec(...) (and the other group classes)"
+            )
+    return groups
 
 
-def _module_of(name: str) -> str:
-    return name.rpartition(".")[0] or name
-
-
-def _layer_of(group, slices) -> str:
-    """``group.layer``, else ``group.layers`` joined (the first + how many more beyond three), else the
-    module of the first slice."""
-    layer = getattr(group, "layer", None)
-    if layer:
-        return str(layer)
-    layers = getattr(group, "layers", None)
-    if layers:
-        layers = list(layers)
-        return ",".join(map(str, layers)) if len(layers) <= 3 else f"{layers[0]} (+{len(layers) - 1})"
-    return _module_of(slices[0].name)
-
-
-def _group_name(i: int, group, kind: str, layer: str) -> str:
-    for attr in ("name", "label"):
-        name = getattr(group, attr, None)
-        if name:
-            return str(name)
-    return f"{i}:{kind}:{layer}"
-
-
-def _unit_hint(group) -> int | None:
-    """The group's own unit count (``.units`` or an int ``.size``), used where it divides the slices."""
-    for attr in ("units", "size"):
-        value = getattr(group, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+def layer_name(group: SymmetryGroup) -> str:
+    """The one name of a group's layers used in every table and plot: the layers joined by commas, or
+    the first and how many more when there are more than three."""
+    layers = list(group.layers)
+    return ",".join(layers) if len(layers) <= 3 else f"{layers[0]} (+{len(layers) - 1})"
 
 
 def _scalar(x) -> float:
@@ -149,39 +111,35 @@ def _scalar(x) -> float:
     return float(x)
 
 
-def _group_units(group, model, params, slices, k) -> torch.Tensor:
-    """(k, F) unit matrix: the group's own ``unit_matrix(model)`` when it has one, else from its spec."""
-    fn = getattr(group, "unit_matrix", None)
-    return fn(model) if callable(fn) else unit_matrix(params, slices, k)
+def _partners(groups: list[SymmetryGroup]) -> dict[int, SymmetryGroup]:
+    """For each permutation group, a diagonal group (rescale / sign flip / scale) over the same units:
+    its orbit representatives are the units that the permutation's duplicate count compares."""
+    def key(m):
+        return (m.name, m.dim, tuple(m.index.reshape(-1).tolist()))
+
+    out = {}
+    for i, g in enumerate(groups):
+        if not isinstance(g, Permutation):
+            continue
+        mine = {key(m) for m in g.members}
+        for d in groups:
+            moved = [m for m in d.members if m.role in ("source", "sink")]
+            if d.kind in ("sign_flip", "rescale", "scale") and d.size == g.size and moved and all(
+                key(m) in mine for m in moved
+            ):
+                out[i] = d
+                break
+    return out
 
 
-def _group_factors(group, params, slices, k) -> dict[str, torch.Tensor]:
-    members = getattr(group, "members", None)
-    return member_factors(members, params) if members is not None else factors(params, slices, k)
-
-
-def _distance(group, model, params, slices, kind, units, k) -> float:
-    fn = getattr(group, "distance", None)
-    if callable(fn):
-        return _scalar(fn(model))
-    if kind == "rotation":
-        return _scalar(rotation_surface_distance(params, slices, k))
-    if kind == "permutation":
-        return _scalar(swap_surface_distance(units))
-    if kind == "sign_flip":
-        return _scalar(sign_surface_distance(units))
-    return math.nan
-
-
-def _clusters_cached(cache: list, units: torch.Tensor, tol: float):
-    """(labels, min pair distance, dead count); groups over the very same units (a layer's permutation
-    and rescale groups) reuse the last two results instead of recomputing the n×n Gram matrix."""
-    for u, t, result in cache:
-        if t == tol and u.shape == units.shape and u.dtype == units.dtype and torch.equal(u, units):
+def _count(cache: list, units: torch.Tensor, dead_tol: float, dup_tol: float):
+    """(labels with −1 for dead units, distinct living clusters, dead count, min pair distance); groups
+    over the very same canonical units (a layer's permutation and rescale groups) reuse the result."""
+    for u, result in cache:
+        if u.shape == units.shape and torch.equal(u, units):
             return result
-    labels, closest = M.cluster_units(units, tol)
-    result = (labels, closest, int(M.dead_units(units, tol).sum()))
-    cache.append((units, tol, result))
+    result = M.count_units(units, dead_tol, dup_tol)
+    cache.append((units, result))
     del cache[:-2]
     return result
 
@@ -193,7 +151,7 @@ def _plot_units(units: torch.Tensor) -> torch.Tensor:
     return units.detach().double().cpu()[torch.as_tensor(keep)]
 
 
-def _correlation(units: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+def _correlation(units: torch.Tensor) -> np.ndarray:
     """Pearson correlation of unit vectors, units ordered by average-linkage leaves (identical units,
     distance 0, end up adjacent, so clusters show as blocks); dead units correlate 0."""
     from scipy.cluster.hierarchy import leaves_list, linkage
@@ -213,31 +171,23 @@ def _correlation(units: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     return corr
 
 
-def _group_row(i: int, group, model, params, rtol, cache) -> tuple[dict, np.ndarray | None, tuple | None]:
+def _group_row(i, group, partner, model, dead_tol, dup_tol, cache) -> tuple[dict, np.ndarray | None, tuple | None]:
     """One table row; also the spectrum to plot (rotation groups) and the heat-map candidate (others)."""
-    slices = group_slices(group.params)
-    kind = str(group.kind)
-    layer = _layer_of(group, slices)
-    k = num_units(slices, _unit_hint(group))
+    k = group.size
     row = dict.fromkeys(GROUP_COLUMNS, math.nan)
-    row.update(group=_group_name(i, group, kind, layer), kind=kind, layer=layer, units=k)
-    if kind == "rotation":  # distance: σ_min of the unit matrix (SymmetryGroup.distance's definition)
-        spec = product_spectrum(_group_factors(group, params, slices, k))
-        row["distance"] = _scalar(min_singular_value(_group_units(group, model, params, slices, k)))
+    row.update(group=group.label or f"{i}:{group.kind}", kind=group.kind, layer=layer_name(group), units=k)
+    row["distance"] = _scalar(group.distance(model))
+    if isinstance(group, Rotation):
+        spec = product_spectrum(group.factors(model))
         if spec is None:
             return row, None, None
         sv, shape = spec
         row.update({c: _scalar(v) for c, v in M.rank_metrics(sv=sv, shape=shape).items()})
         return row, sv.double().cpu().numpy(), None
-    units = _group_units(group, model, params, slices, k)
-    tol = M.default_unit_rtol(params[slices[0].name].dtype) if rtol is None else rtol
-    labels, closest, dead = _clusters_cached(cache, units, tol)
-    row["dead"], row["distinct"] = dead, int(labels.max()) + 1 if labels.size else 0
-    if kind == "permutation":  # min pair distance / √2 (SymmetryGroup.distance's definition), exact
-        row["distance"] = _scalar(closest) / math.sqrt(2.0)
-    else:
-        row["distance"] = _distance(group, model, params, slices, kind, units, k)
-    candidate = (row["distinct"] / max(k, 1), -row["dead"], i, row["group"], units, labels)
+    units = (partner or group).canonical_units(model)
+    counts = _count(cache, units, dead_tol, dup_tol)
+    row["dead"], row["distinct"] = counts.dead, counts.distinct
+    candidate = (row["distinct"] / max(k, 1), -row["dead"], i, row["group"], units)
     return row, None, candidate
 
 
@@ -255,16 +205,23 @@ def _progress(show: bool, total: int):
 
 
 def group_table(
-    model: nn.Module, symmetries, rtol: float | None = None, keep_plots: bool = True, progress: bool = False
+    model: nn.Module,
+    symmetries,
+    dead_tol: float = M.DEAD_TOL,
+    duplicate_tol: float = M.DUPLICATE_TOL,
+    keep_plots: bool = True,
+    progress: bool = False,
 ):
     """The weights-only per-group table plus plot data (spectra, correlations); ``progress`` shows a
     rich progress bar over the groups."""
-    params = dict(model.named_parameters())
     rows, spectra, candidates, cache = [], {}, [], []
     groups = _groups_of(symmetries)
+    partners = _partners(groups)
     with _progress(progress, len(groups)) as advance:
         for i, group in enumerate(groups):
-            row, spectrum, candidate = _group_row(i, group, model, params, rtol, cache)
+            row, spectrum, candidate = _group_row(
+                i, group, partners.get(i), model, dead_tol, duplicate_tol, cache
+            )
             rows.append(row)
             if spectrum is not None:
                 spectra[row["group"]] = spectrum
@@ -272,8 +229,8 @@ def group_table(
                 candidates = sorted([*candidates, candidate], key=lambda c: c[:3])[:MAX_HEATMAPS]
             advance()
     correlations = {}
-    for *_, name, units, labels in candidates:
-        correlations[name] = _correlation(units, labels)
+    for *_, name, units in candidates:
+        correlations[name] = _correlation(units)
         # the plotted unit spectrum uses the same (at most MAX_HEATMAP_UNITS) units as the heat map
         spectra.setdefault(name, M.singular_values(_plot_units(units)).numpy())
     table = pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
@@ -452,7 +409,8 @@ def diagnose(
     data=None,
     *,
     symmetries=None,
-    rtol: float | None = None,
+    dead_tol: float = M.DEAD_TOL,
+    duplicate_tol: float = M.DUPLICATE_TOL,
     layers: Iterable[str] | None = None,
     classifier: str | None = None,
     embedding: str | None = None,
@@ -472,7 +430,8 @@ def diagnose(
         data: optional probe data (a Tensor, ``(x, y)`` Tensors or a DataLoader; probe.py).
         symmetries: a precomputed SymmetryMap (or list of groups); default
             ``ms.find_symmetries(model, example_inputs)``.
-        rtol: relative tolerance of ``dead``/``distinct`` (default √eps of the parameters' dtype).
+        dead_tol: a unit is dead when ‖u‖ ≤ dead_tol · max_v ‖v‖ over the group's canonical units.
+        duplicate_tol: two living units are duplicates when ‖u − v‖ ≤ duplicate_tol · max(‖u‖, ‖v‖).
         layers: names of the modules whose outputs are probed (default: activation modules, else every
             Linear/Conv). classifier: the linear head for NC1–NC4 (default: the last nn.Linear); its
             *input* is the feature layer. embedding: module whose output gives the embedding spectrum
@@ -494,12 +453,14 @@ def diagnose(
     check_module_finite(model)  # NaN weights would read as "not dead, not duplicated"
     if symmetries is None:
         symmetries = default_symmetries(model, example_inputs)
-    table, spectra, correlations = group_table(model, symmetries, rtol, keep_plots=plots, progress=progress)
+    table, spectra, correlations = group_table(
+        model, symmetries, dead_tol, duplicate_tol, keep_plots=plots, progress=progress
+    )
     rep = DiagnoseReport(
         groups=table,
         spectra=spectra,
         correlations=correlations,
-        meta={"rtol": rtol, "probe": data is not None},
+        meta={"dead_tol": dead_tol, "duplicate_tol": duplicate_tol, "probe": data is not None},
     )
     if data is not None:
         res = probe_data(

@@ -6,7 +6,8 @@ dead channels coincide at zero) attractive. A small ReLU CNN is trained on the 8
 with the same seed: no weight decay, weight decay, and weight decay towards a fixed random offset θ₀
 (``ms.remove_symmetries``: the control the paper lacked — same decay, no symmetric surface through the
 minimiser). ``ms.find_symmetries`` finds the permutation groups and ``ms.diagnose`` counts the distinct
-channels per layer (clusters of identical channels, relative tolerance ``rtol``, THEORY.md §7); the
+channels per layer (clusters of identical living channels, relative tolerance ``duplicate_tol``; dead
+below ``dead_tol`` of the layer's largest channel); the
 figures show the channel correlation matrices ordered by cluster.
 
 With ``--full --data-dir DIR`` and CIFAR-10 in ``DIR/cifar-10-batches-py/`` (torchvision's layout), the
@@ -44,7 +45,8 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 0.03  # torch coupled λ (= 2γ)
     syre_sigma: float = 0.5  # σ₀ = 0.5 × init std: the offset is well above the tolerance below
-    rtol: float = 1e-2  # channels within 1 % (relative) are identical; below 1 % of the largest: dead
+    duplicate_tol: float = 1e-2  # channels within 1 % (relative) are identical
+    dead_tol: float = 1e-2  # below 1 % of the layer's largest channel: dead
     seed: int = 0
     # ResNet-18 on CIFAR-10 (only with ctx.data_dir holding it): base width, epochs, training images used
     # (0 = all 50 000), test images scored (0 = all 10 000), probe images for ms.diagnose
@@ -95,6 +97,12 @@ def train(cfg: Config, method: str, x, y, ctx: Context) -> nn.Module:
     return model
 
 
+def _diagnose(model, probe, cfg):
+    from ..diagnose import diagnose
+
+    return diagnose(model, probe, dead_tol=cfg.dead_tol, duplicate_tol=cfg.duplicate_tol)
+
+
 def permutation_layers(rep) -> tuple[list[dict], list]:
     """Per permutation group of a diagnose report: {group, layer, units, dead, distinct}; and the group's
     cluster-ordered channel correlation matrix."""
@@ -107,7 +115,6 @@ def permutation_layers(rep) -> tuple[list[dict], list]:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    import mirrorsym as ms
 
     x, y = (t.to(ctx.device) for t in digit_images())
     out = {}
@@ -115,7 +122,7 @@ def run(cfg: Config, ctx: Context) -> dict:
         model = train(cfg, method, x, y, ctx)
         with torch.no_grad():
             acc = (model(x).argmax(1) == y).float().mean().item()
-        layers, corr = permutation_layers(ms.diagnose(model, x[:8], rtol=cfg.rtol))
+        layers, corr = permutation_layers(_diagnose(model, x[:8], cfg))
         out[method] = {"accuracy": acc, "layers": layers, "correlations": corr}
     if cfg.resnet and has_cifar10(ctx.data_dir):
         out["resnet18"] = run_resnet(cfg, ctx, cifar10(ctx.data_dir, train=True), cifar10(ctx.data_dir, train=False))
@@ -209,7 +216,6 @@ def run_resnet(cfg: Config, ctx: Context, train_set, test_set) -> dict:
     """ResNet-18 on CIFAR-10 (``train_set``/``test_set`` = (X, y) from :func:`~.data.cifar10`) for each
     method: test accuracy and the dead/distinct channel counts per permutation group (no correlation
     matrices: 512 × 512 per group is too much to store)."""
-    import mirrorsym as ms
 
     (x, y), (xt, yt) = train_set, test_set
     x, y = x[: cfg.resnet_train or None].to(ctx.device), y[: cfg.resnet_train or None].to(ctx.device)
@@ -218,7 +224,7 @@ def run_resnet(cfg: Config, ctx: Context, train_set, test_set) -> dict:
     out = {}
     for method in METHODS:
         model = train_resnet(cfg, method, x, y, ctx)
-        layers, _ = permutation_layers(ms.diagnose(model, probe, rtol=cfg.rtol))
+        layers, _ = permutation_layers(_diagnose(model, probe, cfg))
         out[method] = {"accuracy": accuracy(model, xt, yt), "layers": layers}
     return out
 
@@ -231,13 +237,13 @@ def plot(results: dict, ctx: Context) -> list:
 
 
 def plot_resnet(res: dict, ctx: Context):
-    """Bars: dead and duplicated channels (units − distinct + dead) per permutation group, per method."""
+    """Bars: dead and duplicated channels (units − distinct) per permutation group, per method."""
     groups = [layer["layer"].split(",")[0].split(" ")[0] for layer in res[METHODS[0]]["layers"]]
     fig, ax = figure(1, 1, width=max(6.0, 0.45 * len(groups)), height=4.0)
     pos = np.arange(len(groups))
     for k, method in enumerate(METHODS):
         layers = res[method]["layers"]
-        bad = [lay["dead"] + lay["units"] - lay["distinct"] for lay in layers]
+        bad = [lay["units"] - lay["distinct"] for lay in layers]
         ax[0, 0].bar(pos + (k - 1) * 0.27, bad, width=0.27,
                      label=f"{method} (test acc {res[method]['accuracy']:.3f})")
     ax[0, 0].set_xticks(pos, groups, rotation=70, fontsize=6)
@@ -266,8 +272,9 @@ def plot_digits(results: dict, ctx: Context):
 
 
 def collapsed(results: dict, method: str) -> int:
-    """Channels on a symmetric surface: dead ones plus those identical to another (units − distinct)."""
-    return sum(layer["dead"] + layer["units"] - layer["distinct"] for layer in results[method]["layers"])
+    """Channels on a symmetric surface: dead ones plus those identical to another (units − distinct: dead
+    channels are never distinct)."""
+    return sum(layer["units"] - layer["distinct"] for layer in results[method]["layers"])
 
 
 def aligned_pairs(results: dict, method: str, threshold: float = 0.9) -> float:

@@ -279,6 +279,12 @@ def test_changed_inputs_never_return_old_rows(tmp_path):
         assert (changed["loss"] != base["loss"]).all()
         assert_same_rows(ms.sweep.load_results(shared), by_id(reference))  # the latest inputs' rows
 
+    broken = ms.sweep.Sweep(lambda seed: nn.Linear(5, 2).double(), nn.functional.mse_loss, data(), GRID,
+                            record_every=4)
+    with pytest.warns(UserWarning, match="other inputs"), pytest.raises(RuntimeError, match="one-step trial"):
+        run(broken, first)
+    assert_same_rows(ms.sweep.load_results(first), by_id(base))  # inputs that fail their trial leave no trace
+
     x, y = data()
     sweep = make(xy=(x, y))
     with pytest.warns(UserWarning, match=r"\(model factory changed\).*reusing 6 stored earlier"):
@@ -353,6 +359,21 @@ def test_a_claimed_chunk_is_waited_for_taken_over_when_freed_and_times_out(tmp_p
     with quietly():
         assert_same_rows(run(sweep, store.root), clean)
     assert_tidy(store.root)
+
+
+def test_without_file_locks_a_sweep_still_runs_and_says_claims_are_off(tmp_path, monkeypatch):
+    import errno
+
+    import mirrorsym.sweep.store as store_module
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock files.*claims are off"):
+        df = run(make(), tmp_path)
+    assert len(df) == 6 and (df["status"] == "ok").all()
+    assert_tidy(tmp_path)
 
 
 # ---------------------------------------------------------------- (e) --fresh, (f) the reproduction cache key

@@ -89,7 +89,8 @@ class DamagedFile(Exception):
 
 
 class Claim:
-    """A held chunk claim; :meth:`release` (or process death) frees it."""
+    """A held chunk claim; :meth:`release` (or process death) frees it. ``fd == -1``: a claim that holds
+    nothing (file locking unavailable)."""
 
     def __init__(self, path: Path, fd: int):
         self.path, self.fd = path, fd
@@ -114,7 +115,9 @@ class ResultStore:
         self.root = Path(out_dir)
         self.runs = self.root / RUNS
         self.meta: dict | None = None
+        self._stored_meta: dict | None = None
         self._verified: dict[Path, tuple[tuple, ChunkInfo]] = {}
+        self._warned_no_locks = False
 
     # ------------------------------------------------------------------ sweep.json
     def read_meta(self, heal: bool = True) -> dict | None:
@@ -143,9 +146,11 @@ class ResultStore:
             return None
         return meta
 
-    def open(self, meta: Mapping) -> dict | None:
+    def open(self, meta: Mapping, write: bool = True) -> dict | None:
         """Create the directories, tidy what killed processes left, check that an existing store belongs
-        to the same sweep, and record ``meta``. Returns the previous ``sweep.json`` (None if new/damaged).
+        to the same sweep, and record ``meta`` (``write=False``: only in memory until
+        :meth:`write_meta`, e.g. once a trial step has shown that these inputs work). Returns the
+        previous ``sweep.json`` (None if new/damaged).
 
         ``meta["fingerprint"]["id"]`` (if given) is written into every chunk's checksum, so that
         :func:`load_results` returns the rows of the inputs the store was last run with. Keys other than
@@ -166,10 +171,16 @@ class ResultStore:
                 )
         new = dict(meta)
         new["sha256"] = _content_sha(new)
-        if old != new:
-            atomic_write(self.root / META, json.dumps(new, indent=1, sort_keys=True))
-        self.meta = new
+        self.meta, self._stored_meta = new, old
+        if write:
+            self.write_meta()
         return old
+
+    def write_meta(self) -> None:
+        """Write the ``meta`` given to :meth:`open` to ``sweep.json`` (if it differs from the file)."""
+        if self.meta is not None and self.meta != self._stored_meta:
+            atomic_write(self.root / META, json.dumps(self.meta, indent=1, sort_keys=True))
+            self._stored_meta = self.meta
 
     @property
     def fingerprint(self) -> str | None:
@@ -211,6 +222,14 @@ class ResultStore:
             except BlockingIOError:
                 os.close(fd)
                 return None
+            except OSError as exc:  # a file system without locks (some network or FUSE mounts)
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                if not self._warned_no_locks:
+                    self._warned_no_locks = True
+                    warnings.warn(f"mirrorsym.sweep: cannot lock files in {self.runs} ({exc}); chunk claims are "
+                                  "off, so do not run two processes on this directory at once", stacklevel=4)
+                return Claim(path, -1)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

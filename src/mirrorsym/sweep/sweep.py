@@ -377,7 +377,11 @@ class Sweep:
         """
         p = self.problem
         seed = self.configs[0]["seed"]
-        init = p.model_factory(seed)
+        try:
+            init = p.model_factory(seed)
+        except Exception as exc:
+            raise RuntimeError(f"mirrorsym.sweep: model_factory({seed}) failed while fingerprinting the sweep's "
+                               f"inputs: {exc}") from exc
         if not isinstance(init, nn.Module):
             raise TypeError(f"mirrorsym.sweep: model_factory({seed}) returned {type(init).__name__}, expected "
                             "an nn.Module")
@@ -450,7 +454,7 @@ class Sweep:
         problem = dataclasses.replace(self.problem, name=self._salted_name(fp))  # rows get the salted ids
         ids = self.run_ids
         store = ResultStore(out_dir)
-        old = store.open(self._meta(fp))
+        old = store.open(self._meta(fp), write=False)  # written after the trial: broken inputs leave no trace
         finished = store.finished_ids()
         todo = [c for c, rid in zip(self.configs, ids, strict=True) if rid not in finished]
         changed = what_changed(None if old is None else old.get("fingerprint") or {}, fp)
@@ -462,6 +466,7 @@ class Sweep:
                           stacklevel=2)
         if todo:
             self._trial(problem, device if backend == "local" else "cpu")
+        store.write_meta()
         console = Console(stderr=True, quiet=not progress)
         start = time.perf_counter()
         counts = {"done": 0}

@@ -7,6 +7,8 @@ from torch import nn
 
 import mirrorsym as ms
 from mirrorsym.constrain import count_params
+from mirrorsym.constrain.units import merged_members
+from mirrorsym.detect import Permutation
 
 F64 = torch.float64
 
@@ -39,8 +41,7 @@ def test_trained_mlp_units_die_exactly_and_export_drops_them():
         opt.zero_grad()
         (student(X) - y).square().mean().backward()
         opt.step()
-    small = ms.constrain.export(student, X, tol=1e-8)
-    report = small.mirrorsym_export
+    small, report = ms.constrain.export(student, X, tol=1e-8)
     width = small[0].out_features
     assert 1 <= width <= 4 and small[2].in_features == width  # 16 → about the teacher's 3 units, exactly dead
     assert (small(X) - y).square().mean() < 0.05 * y.var()  # the survivors still fit the teacher
@@ -61,7 +62,7 @@ def test_three_layer_mlp_overlapping_groups():
     with torch.no_grad():
         _gates(mlp, "0")[0][[1, 4]] = 0  # group of layer 0's units
         _gates(mlp, "2")[1][[0, 3]] = 0  # group of layer 2's units (the middle weight has both gates)
-    small = ms.constrain.export(mlp, x)
+    small, report = ms.constrain.export(mlp, x)
     assert (small[0].out_features, small[2].in_features, small[2].out_features, small[4].in_features) == (
         5,
         5,
@@ -69,7 +70,7 @@ def test_three_layer_mlp_overlapping_groups():
         4,
     )
     assert _rel_err(mlp(x), small(x)) <= 1e-5
-    assert small.mirrorsym_export.params_after == count_params(small)
+    assert report.params_after == count_params(small)
 
 
 # --------------------------------------------------------------------- CNN with BatchNorm and Flatten
@@ -101,12 +102,12 @@ def test_cnn_with_batchnorm_drops_channels_and_running_stats(train_mode):
     with torch.no_grad():
         _gates(cnn, "0")[0][[1, 4]] = 0
         _gates(cnn, "4")[1][[0, 2, 7]] = 0  # [0] is the gate of layer 0 (its input channels)
-    small = ms.constrain.export(cnn, x)
+    small, report = ms.constrain.export(cnn, x)
     assert (small[0].out_channels, small[1].num_features, small[4].in_channels) == (4, 4, 4)
     assert (small[4].out_channels, small[5].running_mean.numel(), small[8].in_features) == (5, 5, 80)
     assert small.training == train_mode
     assert _rel_err(cnn(x), small(x)) <= 1e-5
-    assert count_params(small) < small.mirrorsym_export.params_before
+    assert count_params(small) < report.params_before
 
 
 # --------------------------------------------------------------------- residual CNN (coupled stream)
@@ -150,17 +151,17 @@ def _resnet_groups(c=6, h=5):
             }
         )
         inner.append(
-            {
-                "params": {
+            Permutation.from_spec(
+                {
                     p + "conv1.weight": (0, hs),
                     p + "bn1.weight": (0, hs),
                     p + "bn1.bias": (0, hs),
                     p + "conv2.weight": (1, hs),
                 },
-                "size": h,
-            }
+                h,
+            )
         )
-    return [{"params": stream, "size": c}, *inner]
+    return [Permutation.from_spec(stream, c), *inner]
 
 
 def test_residual_cnn_drops_stream_and_inner_channels():
@@ -173,18 +174,12 @@ def test_residual_cnn_drops_stream_and_inner_channels():
     with torch.no_grad():
         net.stem.parametrizations.weight[0].gate[[2, 5]] = 0  # one shared gate for the whole stream
         net.blocks[0].conv1.parametrizations.weight[1].gate[[0]] = 0  # conv1.weight: stream cols, then rows
-    small = ms.constrain.export(net, x, groups=_resnet_groups())
+    small, report = ms.constrain.export(net, x, groups=_resnet_groups())
     assert small.stem.out_channels == 4 and small.fc.in_features == 4
     assert small.blocks[1].conv2.out_channels == 4 and small.blocks[1].bn2.running_var.numel() == 4
     assert small.blocks[0].conv1.weight.shape == (4, 4, 3, 3) and small.blocks[0].bn1.num_features == 4
     assert _rel_err(net(x), small(x)) <= 1e-5
-    assert count_params(small) < small.mirrorsym_export.params_before
-
-
-def test_without_groups_residual_stream_is_left_alone():
-    """The Sequential fallback cannot see residual coupling, so it must not touch the stream."""
-    net = ResNet()
-    assert ms.constrain.unit_groups(net, torch.randn(2, 1, 6, 6), source="sequential") == []
+    assert count_params(small) < report.params_before
 
 
 # --------------------------------------------------------------------- transformer block
@@ -218,15 +213,18 @@ def test_transformer_block_low_rank_split_and_mlp_units():
     before = block(x).detach()
     for lin in (block.q, block.k, block.v, block.o):
         ms.constrain.low_rank(lin, "weight")
-    groups = ms.constrain.apply(block, x, kind="units", source="sequential")
+    # the constrained block is detected as its plain twin: the head and the MLP-unit permutations
+    detected = ms.constrain.unit_groups(block, x)
+    assert sorted(g.size for g in detected) == [2, 64]
+    mlp = [g for g in detected if "mlp.0.weight" in g.params]
+    groups = ms.constrain.apply(block, x, kind="units", groups=mlp)
     assert [sorted(g.params) for g in groups] == [["mlp.0.bias", "mlp.0.weight", "mlp.2.weight"]]
     assert _rel_err(before, block(x)) <= 1e-12
     for lin, r in ((block.q, 2), (block.k, 2), (block.v, 3)):
         _zero_factor_columns(lin, r)
     with torch.no_grad():
         block.mlp[0].parametrizations.weight[0].gate[10:] = 0
-    small = ms.constrain.export(block, x, source="sequential")
-    report = small.mirrorsym_export
+    small, report = ms.constrain.export(block, x, groups=mlp)
     assert report.split == {"q": 2, "k": 2, "v": 3}  # o stays full rank: a split would not save
     assert isinstance(small.q, nn.Sequential) and small.q[0].weight.shape == (2, 16)
     assert isinstance(small.o, nn.Linear)
@@ -252,10 +250,10 @@ def test_multihead_attention_low_rank_is_refused_not_broken():
 
     model = Wrap()
     with pytest.warns(UserWarning, match="MultiheadAttention"):  # its head/unit group is kept whole too
-        small = ms.constrain.export(model, x)
-    refused = "\n".join(small.mirrorsym_export.refused)
+        small, report = ms.constrain.export(model, x)
+    refused = "\n".join(report.refused)
     assert "mha.out_proj.weight" in refused and "mha.in_proj_weight" in refused
-    assert small.mirrorsym_export.split == {}
+    assert report.split == {}
     assert _rel_err(model(x), small(x)) <= 1e-5
 
 
@@ -263,18 +261,13 @@ def test_layernorm_group_is_refused_with_a_warning():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
     x = torch.randn(3, 4)
-    group = {
-        "params": {
-            "0.weight": (0, range(6)),
-            "1.weight": (0, range(6)),
-            "1.bias": (0, range(6)),
-            "2.weight": (1, range(6)),
-        },
-        "size": 6,
-    }
+    group = Permutation.from_spec(
+        {"0.weight": (0, range(6)), "1.weight": (0, range(6)), "1.bias": (0, range(6)), "2.weight": (1, range(6))},
+        6,
+    )
     with pytest.warns(UserWarning, match="LayerNorm"):
-        small = ms.constrain.export(model, x, groups=[group])
-    assert small[0].out_features == 6 and "LayerNorm" in small.mirrorsym_export.refused[0]
+        small, report = ms.constrain.export(model, x, groups=[group])
+    assert small[0].out_features == 6 and "LayerNorm" in report.refused[0]
 
 
 def test_export_refuses_to_change_the_function():
@@ -294,8 +287,8 @@ def test_apply_kinds_and_errors():
     assert torch.allclose(model(x), y0, atol=1e-6)
     with pytest.raises(ValueError, match="kind"):
         ms.constrain.apply(model, x, kind="everything")
-    with pytest.raises(ValueError, match="no permutation unit group"):
-        ms.constrain.apply(nn.Linear(3, 2), torch.randn(2, 3), kind="units", source="sequential")
+    with pytest.raises(ValueError, match="no permutation group"):
+        ms.constrain.apply(nn.Linear(3, 2), torch.randn(2, 3), kind="units")
 
 
 def test_transformer_block_with_detected_groups_refuses_heads():
@@ -304,13 +297,13 @@ def test_transformer_block_with_detected_groups_refuses_heads():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, dtype=F64)
     block = Block().to(F64)
-    groups = ms.constrain.apply(block, x, kind="units", source="detect")
+    groups = ms.constrain.apply(block, x, kind="units")
     assert sorted(g.size for g in groups) == [2, 64]  # heads, MLP units
     with torch.no_grad():
         block.mlp[0].parametrizations.weight[0].gate[:50] = 0
         block.q.parametrizations.weight[0].gate[1] = 0  # one head's gate
     with pytest.warns(UserWarning, match="heads"):
-        small = ms.constrain.export(block, x, source="detect")
+        small, report = ms.constrain.export(block, x)
     assert small.mlp[0].out_features == 14 and small.q.out_features == 16
     assert _rel_err(block(x), small(x)) <= 1e-5
 
@@ -318,17 +311,17 @@ def test_transformer_block_with_detected_groups_refuses_heads():
 def test_detected_groups_match_hand_written_resnet_groups():
     net = ResNet()
     x = torch.randn(2, 1, 6, 6)
-    detected = ms.constrain.unit_groups(net, x, source="detect")
-    hand = [ms.constrain.units.as_unit_group(g) for g in _resnet_groups()]
+    detected = ms.constrain.unit_groups(net, x)
+    hand = _resnet_groups()
 
     def key(g):
-        return {(e.name, e.dim, e.indices) for e in g.entries if "running" not in e.name}
+        return {(n, d, tuple(i.reshape(-1).tolist())) for n, d, i, buf in merged_members(g) if not buf}
 
     assert sorted(map(sorted, map(key, detected))) == sorted(map(sorted, map(key, hand)))
     ms.constrain.apply(net, x, kind="units")  # auto: uses find_symmetries
     with torch.no_grad():
         net.stem.parametrizations.weight[0].gate[[0, 3]] = 0
-    small = ms.constrain.export(net.eval(), x)
+    small, report = ms.constrain.export(net.eval(), x)
     assert small.stem.out_channels == 4 and small.fc.in_features == 4
     assert _rel_err(net(x), small(x)) <= 1e-5
 
@@ -357,4 +350,4 @@ def test_apply_units_warns_about_an_existing_optimizer():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="optimizer"):
-        ms.constrain.apply(model, torch.randn(3, 4), kind="units", source="sequential", optimizer=opt)
+        ms.constrain.apply(model, torch.randn(3, 4), kind="units", optimizer=opt)

@@ -7,7 +7,7 @@ them away. Register before building the optimizer.
 """
 
 from .apply import UnitGate, apply
-from .export import ExportReport, bake, count_params, export
+from .export import ExportReport, ExportResult, bake, count_params, export
 from .parametrizations import (
     GroupSparse,
     LinearConstraint,
@@ -22,10 +22,11 @@ from .parametrizations import (
     weight_decay_for,
 )
 from .remove import Offset, SymmetryRemoval, l2_init, remove_symmetries, shrink_and_perturb
-from .units import UnitGroup, sequential_unit_groups, unit_groups
+from .units import unit_groups
 
 __all__ = [
     "ExportReport",
+    "ExportResult",
     "GroupSparse",
     "LinearConstraint",
     "LowRank",
@@ -33,7 +34,6 @@ __all__ = [
     "Sparse",
     "SymmetryRemoval",
     "UnitGate",
-    "UnitGroup",
     "apply",
     "bake",
     "count_params",
@@ -45,7 +45,6 @@ __all__ = [
     "low_rank",
     "param_groups",
     "remove_symmetries",
-    "sequential_unit_groups",
     "shrink_and_perturb",
     "sparse",
     "unit_groups",

@@ -17,9 +17,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.finite import check_materialized
+from ..detect import Permutation
 from ._checks import warn_if_in_optimizer
 from .parametrizations import low_rank, sparse
-from .units import BATCHNORMS, CONVS, UnitGroup, unit_groups
+from .units import BATCHNORMS, CONVS, merged_members, unit_groups
 
 
 class UnitGate(nn.Module):
@@ -61,40 +62,38 @@ def _resolve(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
     return module, name
 
 
-def gate_group(model: nn.Module, group: UnitGroup, optimizer=None) -> nn.Parameter:
+def gate_group(model: nn.Module, group: Permutation, optimizer=None) -> nn.Parameter:
     """Register a shared :class:`UnitGate` on every parameter entry of ``group``; returns the gate."""
-    first_module, first_name = _resolve(model, group.entries[0].name)
+    members = [m for m in merged_members(group) if not m[3]]  # buffers (running stats): export slices them
+    first_module, first_name = _resolve(model, members[0][0])
     ref = getattr(first_module, first_name)
     gate = nn.Parameter(torch.ones(group.size, dtype=ref.dtype, device=ref.device))
-    for entry in group.entries:
-        module, name = _resolve(model, entry.name)
-        if name in dict(module.named_buffers(recurse=False)):
-            continue  # BatchNorm running stats: nothing to gate, export slices them
-        tensor = getattr(module, name, None)
+    for name, dim, index, _ in members:
+        module, leaf = _resolve(model, name)
+        tensor = getattr(module, leaf, None)
         if not isinstance(tensor, torch.Tensor):
-            raise KeyError(f"unit group names {entry.name!r}, which is not a tensor of the model")
-        if not parametrize.is_parametrized(module, name):
-            warn_if_in_optimizer(optimizer, tensor, entry.name)
+            raise KeyError(f"unit group names {name!r}, which is not a tensor of the model")
+        if not parametrize.is_parametrized(module, leaf):
+            warn_if_in_optimizer(optimizer, tensor, name)
         device = tensor.device
-        unit_of_entry = torch.full((tensor.shape[entry.dim],), group.size, dtype=torch.long, device=device)
-        idx = torch.tensor(entry.indices, dtype=torch.long, device=device)
-        unit_of_entry[idx] = torch.arange(group.size, device=device).repeat_interleave(group.chunk(entry))
+        unit_of_entry = torch.full((tensor.shape[dim],), group.size, dtype=torch.long, device=device)
+        unit_of_entry[index.reshape(-1).to(device)] = torch.arange(group.size, device=device).repeat_interleave(
+            index.shape[1]
+        )
         with torch.no_grad():
-            parametrize.register_parametrization(
-                module, name, UnitGate(gate, entry.dim, tensor.dim(), unit_of_entry)
-            )
+            parametrize.register_parametrization(module, leaf, UnitGate(gate, dim, tensor.dim(), unit_of_entry))
     return gate
 
 
-def _refuse_gated(model: nn.Module, groups: list[UnitGroup]) -> None:
+def _refuse_gated(model: nn.Module, groups: list[Permutation]) -> None:
     gated = []
     for group in groups:
-        for entry in group.entries:
-            module, name = _resolve(model, entry.name)
-            if parametrize.is_parametrized(module, name) and any(
-                isinstance(p, UnitGate) for p in module.parametrizations[name]
+        for name, *_ in merged_members(group):
+            module, leaf = _resolve(model, name)
+            if parametrize.is_parametrized(module, leaf) and any(
+                isinstance(p, UnitGate) for p in module.parametrizations[leaf]
             ):
-                gated.append(entry.name)
+                gated.append(name)
     if gated:
         raise ValueError(
             f"{', '.join(sorted(set(gated))[:3])} already carry unit gates: apply(kind='units') was called on "
@@ -109,14 +108,13 @@ def apply(
     kind: str = "units",
     *,
     groups=None,
-    source: str = "auto",
     optimizer=None,
 ) -> list:
     """Constrain the whole model (in place; the function is unchanged at registration).
 
     ``kind``:
-      * ``"units"``: a shared gate per unit of every permutation unit group (module docstring); returns the
-        list of :class:`UnitGroup` used (``groups=`` / ``source=`` as in :func:`unit_groups`).
+      * ``"units"``: a shared gate per unit of every permutation group (module docstring); returns the
+        :class:`~mirrorsym.detect.Permutation` groups used (``groups=`` as in :func:`unit_groups`).
       * ``"sparse"``: elementwise DCS on the weight of every Linear / Conv; returns the module paths.
       * ``"low_rank"``: low-rank DCS on the weight of every Linear; returns the module paths.
 
@@ -126,11 +124,11 @@ def apply(
     """
     check_materialized(model)
     if kind == "units":
-        found = unit_groups(model, example_inputs, groups=groups, source=source)
+        found = unit_groups(model, example_inputs, groups=groups)
         if not found:
             raise ValueError(
-                "apply(kind='units') found no permutation unit group in the model: no Sequential "
-                "chain Linear/Conv → ... → Linear/Conv; pass groups= explicitly"
+                "apply(kind='units') found no permutation group in the model (ms.find_symmetries reports "
+                "none: no hidden units between two layers); pass groups= explicitly"
             )
         _refuse_gated(model, found)
         for group in found:

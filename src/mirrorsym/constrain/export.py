@@ -4,7 +4,7 @@ Steps, on a deep copy (the input model is not touched):
 
 1. remember which Linear weights carry a :class:`LowRank` parametrization, then bake every
    parametrization into a plain tensor (``remove_parametrizations(leave_parametrized=True)``);
-2. for every coupled unit group (:func:`mirrorsym.constrain.units.unit_groups`), drop the units whose
+2. for every permutation group (:func:`mirrorsym.constrain.units.unit_groups`), drop the units whose
    slices are *all* zero (max |entry| ≤ ``tol``) from every coupled tensor (and BatchNorm running stats),
    keeping at least one unit per group; module attributes (``in_features``, ``out_channels``,
    ``num_features``, ...) follow;
@@ -25,14 +25,16 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..detect import Permutation
 from ..detect.find import private_class
 from .parametrizations import LowRank
-from .units import BATCHNORMS, CONVS, UnitGroup, unit_groups
+from .units import BATCHNORMS, CONVS, merged_members, unit_groups
 
 
 @dataclass
@@ -56,6 +58,14 @@ class ExportReport:
         lines += [f"  split {k} at rank {r}" for k, r in self.split.items()]
         lines += [f"  refused: {r}" for r in self.refused]
         return "\n".join(lines)
+
+
+class ExportResult(NamedTuple):
+    """What :func:`export` returns: the smaller plain ``model`` and the :class:`ExportReport`
+    (``small, report = ms.constrain.export(...)``)."""
+
+    model: nn.Module
+    report: ExportReport
 
 
 def count_params(model: nn.Module) -> int:
@@ -93,42 +103,41 @@ def _tensor(model, full_name):
     return module, name, getattr(module, name)
 
 
-def _check_group_modules(model, group: UnitGroup) -> str | None:
+def _check_group_modules(model, group: Permutation) -> str | None:
     """Why the group cannot be shrunk safely, or None."""
-    for entry in group.entries:
+    for name, dim, index, _ in merged_members(group):
         try:
-            module, name, _ = _tensor(model, entry.name)
+            module, leaf, _ = _tensor(model, name)
         except AttributeError:
-            return f"{entry.name!r} is not a tensor of the model"
-        if isinstance(module, (nn.Linear, *CONVS)) and name in ("weight", "bias"):
+            return f"{name!r} is not a tensor of the model"
+        if isinstance(module, (nn.Linear, *CONVS)) and leaf in ("weight", "bias"):
             if type(module) not in (nn.Linear, *CONVS) or getattr(module, "groups", 1) != 1:
-                return f"{entry.name!r} belongs to {type(module).__name__}, which export does not resize"
-            if entry.dim == 0 and group.chunk(entry) > 1:
+                return f"{name!r} belongs to {type(module).__name__}, which export does not resize"
+            if dim == 0 and index.shape[1] > 1:
                 return (
-                    f"each unit spans {group.chunk(entry)} outputs of {entry.name!r} (attention heads?); "
+                    f"each unit spans {index.shape[1]} outputs of {name!r} (attention heads?); "
                     "the forward code may hard-code their count"
                 )
             continue
-        if isinstance(module, BATCHNORMS) and entry.dim == 0:
+        if isinstance(module, BATCHNORMS) and dim == 0:
             continue
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
             return (
-                f"{entry.name!r} belongs to {type(module).__name__}, which normalises across the channels: "
+                f"{name!r} belongs to {type(module).__name__}, which normalises across the channels: "
                 "dropping one, even an all-zero one, changes the statistics and the function"
             )
-        return f"{entry.name!r} belongs to {type(module).__name__}, which export does not know how to resize"
+        return f"{name!r} belongs to {type(module).__name__}, which export does not know how to resize"
     return None
 
 
-def _zero_units(model, group: UnitGroup, tol: float) -> list[int]:
+def _zero_units(model, group: Permutation, tol: float) -> list[int]:
     """Units whose every coupled parameter slice is within ``tol`` of zero (buffers need not be zero)."""
     alive = None
-    for entry in group.entries:
-        module, name, t = _tensor(model, entry.name)
-        if name in dict(module.named_buffers(recurse=False)):
+    for name, dim, index, buffer in merged_members(group):
+        if buffer:
             continue
-        idx = torch.tensor(entry.indices, device=t.device)
-        sub = t.detach().index_select(entry.dim, idx).movedim(entry.dim, 0)
+        _, _, t = _tensor(model, name)
+        sub = t.detach().index_select(dim, index.reshape(-1).to(t.device)).movedim(dim, 0)
         per_unit = sub.reshape(group.size, -1).abs().amax(dim=1) > tol
         alive = per_unit if alive is None else alive | per_unit
     if alive is None:
@@ -137,15 +146,16 @@ def _zero_units(model, group: UnitGroup, tol: float) -> list[int]:
     return dead[:-1] if len(dead) == group.size else dead  # keep one unit: zero-width layers are not modules
 
 
-def _shrink(model, group: UnitGroup, dead: list[int]) -> None:
-    listed = set(group.names)
-    for entry in group.entries:
-        module, name, t = _tensor(model, entry.name)
-        drop = set(group.unit_indices(entry, dead))
-        keep = torch.tensor([i for i in range(t.shape[entry.dim]) if i not in drop], device=t.device)
-        _replace(module, name, t.detach().index_select(entry.dim, keep))
-        if isinstance(module, BATCHNORMS) and name == "weight" and module.running_mean is not None:
-            prefix = entry.name[: -len("weight")]
+def _shrink(model, group: Permutation, dead: list[int]) -> None:
+    members = list(merged_members(group))
+    listed = {name for name, *_ in members}
+    for name, dim, index, _ in members:
+        module, leaf, t = _tensor(model, name)
+        drop = set(index[dead].reshape(-1).tolist())
+        keep = torch.tensor([i for i in range(t.shape[dim]) if i not in drop], device=t.device)
+        _replace(module, leaf, t.detach().index_select(dim, keep))
+        if isinstance(module, BATCHNORMS) and leaf == "weight" and module.running_mean is not None:
+            prefix = name[: -len("weight")]
             if prefix + "running_mean" not in listed:
                 module.running_mean = module.running_mean.index_select(0, keep)
                 module.running_var = module.running_var.index_select(0, keep)
@@ -211,17 +221,16 @@ def export(
     tol: float = 1e-8,
     *,
     groups=None,
-    source: str = "auto",
     rtol: float = 1e-5,
     split_low_rank: bool = True,
-) -> nn.Module:
+) -> ExportResult:
     """A plain, physically smaller copy of the constrained ``model`` with the same function.
 
-    ``groups`` / ``source``: where the coupled unit groups come from (:func:`unit_groups`; names are the
-    plain, unparametrized ones). ``tol``: an entry (singular value, relative to max(1, σ₁)) at or below it
-    counts as zero. Raises if the outputs on ``example_inputs`` differ by more than ``rtol``. The returned
-    module carries the :class:`ExportReport` as ``.mirrorsym_export`` (params before/after, dropped units,
-    splits, refusals).
+    ``groups``: the coupled unit groups (:func:`unit_groups`: the permutation groups ``find_symmetries``
+    finds by default; names are the plain, unparametrized ones). ``tol``: an entry (singular value,
+    relative to max(1, σ₁)) at or below it counts as zero. Raises if the outputs on ``example_inputs``
+    differ by more than ``rtol``. Returns :class:`ExportResult` ``(model, report)``; the report lists
+    params before/after, dropped units, splits and refusals.
     """
     if tol < 0 or rtol <= 0:
         raise ValueError(f"tol must be >= 0 and rtol > 0, got tol={tol}, rtol={rtol}")
@@ -229,8 +238,8 @@ def export(
     small = copy.deepcopy(model)
     low_rank_linears = bake(small)
     report = ExportReport(params_before=count_params(small))
-    for group in unit_groups(small, example_inputs, groups=groups, source=source):
-        label = group.label or ", ".join(group.names[:2])
+    for group in unit_groups(small, example_inputs, groups=groups):
+        label = group.label
         reason = _check_group_modules(small, group)
         if reason is not None:
             report.refused.append(f"unit group {label}: {reason}")
@@ -261,8 +270,7 @@ def export(
             f"export changed the function: max relative output error {report.max_rel_error:.2e} > "
             f"rtol={rtol}. Raise tol only if the near-zero units are meant to be dropped.\n{report}"
         )
-    small.mirrorsym_export = report
-    return small
+    return ExportResult(small, report)
 
 
 def _refuse_functional_low_rank(model, report):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..constrain.units import merged_members
 from .base import Claim, Context
 from .data import digit_images
 from .plotting import figure, save
@@ -251,8 +252,7 @@ def run_cnn(cfg: Config, ctx: Context) -> dict:
     dense = train_cnn(cfg, train, False, ctx)
     model = train_cnn(cfg, train, True, ctx).eval()
     x_all = torch.cat([train[0], test[0]])
-    small = ms.constrain.export(model, x_all, tol=cfg.export_tol, rtol=cfg.export_rtol)
-    report = small.mirrorsym_export
+    small, report = ms.constrain.export(model, x_all, tol=cfg.export_tol, rtol=cfg.export_rtol)
     with torch.no_grad():
         y_dcs, y_small = model(x_all), small(x_all)
     baked = copy.deepcopy(model)
@@ -277,10 +277,10 @@ def _unit_norms(model: nn.Module, group) -> list[float]:
     """‖θ_unit‖₂ over all slices of each unit of ``group`` (the group-lasso coordinates)."""
     params = dict(model.named_parameters())
     total = torch.zeros(group.size, dtype=torch.float64)
-    for e in group.entries:
-        if e.name not in params:
+    for name, dim, index, buffer in merged_members(group):
+        if buffer:
             continue
-        t = params[e.name].detach().double().index_select(e.dim, torch.tensor(e.indices)).movedim(e.dim, 0)
+        t = params[name].detach().double().index_select(dim, index.reshape(-1)).movedim(dim, 0)
         total += t.reshape(group.size, -1).square().sum(1)
     return total.sqrt().tolist()
 

@@ -37,6 +37,17 @@ def _claim(problem: Problem, chunk: Chunk, store: ResultStore) -> Claim | None:
     return claim
 
 
+def _write(problem: Problem, chunk: Chunk, rows: Sequence[dict], store: ResultStore) -> None:
+    """Store a trained chunk's rows, after checking they carry the ids the chunk was claimed under (the
+    sweep finds its rows by these ids: a mismatch would retrain the chunk forever)."""
+    expected = [run_id(problem.name, c) for c in chunk]
+    got = [r.get("run_id") for r in rows]
+    if got != expected:
+        raise RuntimeError(f"mirrorsym.sweep: train_chunk returned rows with run ids {got}, expected {expected} "
+                           "(run_id(problem.name, config) in config order); nothing was stored for this chunk")
+    store.write_chunk(rows)
+
+
 def run_local(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, device, advance: Progress,
               on_chunk: Callable[[Chunk], None]) -> list[Chunk]:
     """Train the unclaimed chunks one by one in this process; write each when it is finished."""
@@ -46,8 +57,7 @@ def run_local(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, dev
         if claim is None:
             continue
         try:
-            rows = train_chunk(problem, chunk, device, on_progress=advance)
-            store.write_chunk(rows)
+            _write(problem, chunk, train_chunk(problem, chunk, device, on_progress=advance), store)
         finally:
             claim.release()
         trained.append(chunk)
@@ -105,7 +115,7 @@ def _run_ray_claimed(problem, chunks, claims, store, device, advance, on_chunk, 
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(done[0])
-                store.write_chunk(ray.get(done[0]))
+                _write(problem, chunks[i], ray.get(done[0]), store)
                 claims[i].release()
                 advance(sum(c["steps"] for c in chunks[i]))
                 trained.append(chunks[i])

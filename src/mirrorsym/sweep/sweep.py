@@ -487,8 +487,14 @@ class Sweep:
                     return backends.run_local(problem, chunks, store, device, advance, on_chunk)
                 return backends.run_ray(problem, chunks, store, device, advance, on_chunk, address, ray_options)
 
+            def say(message: str) -> None:  # above the progress bar if there is one, else plain stderr
+                if progress:
+                    console.print(message, markup=False, highlight=False)
+                else:
+                    print(message, file=sys.stderr)
+
             try:
-                df = self._train_until_complete(problem, store, ids, chunk_size, train, wait_timeout)
+                df = self._train_until_complete(problem, store, ids, chunk_size, train, wait_timeout, say)
             except KeyboardInterrupt:
                 saved = len(set(ids) & finished) + counts["done"]
                 console.print(f"[yellow]sweep interrupted[/]: {saved}/{len(self)} runs saved in "
@@ -498,7 +504,7 @@ class Sweep:
         return df
 
     def _train_until_complete(self, problem: Problem, store: ResultStore, ids: list[str], chunk_size: int,
-                              train: Callable, wait_timeout: float) -> pd.DataFrame:
+                              train: Callable, wait_timeout: float, say: Callable[[str], None]) -> pd.DataFrame:
         """Train what is neither stored nor claimed by another live process, wait for what is, and repeat
         until every run is stored and verified; returns the rows in grid order."""
         attempts: Counter[str] = Counter()
@@ -531,8 +537,8 @@ class Sweep:
             now = time.monotonic()
             if waiting_since is None:
                 owners = store.claim_owners([[run_id(problem.name, c) for c in ch] for ch in chunks])
-                print(f"mirrorsym.sweep: waiting for {len(todo)} runs in {store.runs} claimed by another process "
-                      f"({', '.join(owners) or 'claims just released'})", file=sys.stderr)
+                say(f"mirrorsym.sweep: waiting for {len(todo)} runs in {store.runs} claimed by another process "
+                    f"({', '.join(owners) or 'claims just released'})")
                 waiting_since, last_count = now, len(finished)
             elif len(finished) != last_count:
                 waiting_since, last_count = now, len(finished)

@@ -69,12 +69,25 @@ class RuleContext:
     """Handed to every rule. ``inputs``: the tensor arguments (TensorAxes), ``args``/``kwargs``: the call's
     arguments with tensors replaced by TensorAxes, ``output``: the result (TensorAxes, or a tuple of them),
     ``module``/``path``: the module and its qualified name for module rules (path also for functions),
-    ``values``: the real (example) argument values, for reading e.g. a ``dim=`` argument."""
+    ``values``: the real (example) argument values, for reading e.g. a ``dim=`` argument, ``graph_node``: the
+    graph node being read (a ``torch.export`` / ``torch.fx`` node, or None for calls made by composite
+    rules), for rules that look at how an operand was produced."""
 
     def __init__(
-        self, detector, target, path, args, kwargs, output, module=None, real_args=(), real_kwargs=None
+        self,
+        detector,
+        target,
+        path,
+        args,
+        kwargs,
+        output,
+        module=None,
+        real_args=(),
+        real_kwargs=None,
+        node=None,
     ):
         self.detector = detector
+        self.graph_node = node
         self.store: AxisStore = detector.store
         self.target = target
         self.path = path

@@ -22,11 +22,20 @@ VERIFY_TOL = 1e-6
 
 
 def find_symmetries(
-    model: nn.Module, example_inputs, *, verify: bool = True, tol: float = VERIFY_TOL, seed: int = 0
+    model: nn.Module,
+    example_inputs,
+    example_kwargs: dict | None = None,
+    *,
+    verify: bool = True,
+    tol: float = VERIFY_TOL,
+    seed: int = 0,
 ) -> SymmetryMap:
     """Find the parameter symmetries of ``model`` (see :mod:`mirrorsym.detect`).
 
-    ``example_inputs``: a Tensor or a tuple of Tensors, passed as ``model(*example_inputs)``. The model
+    ``example_inputs``: a Tensor or a tuple of Tensors (floating or integer, e.g. token ids), and
+    ``example_kwargs``: keyword inputs (e.g. ``{"decoder_input_ids": ids, "use_cache": False}`` for a
+    Hugging Face model), passed as ``model(*example_inputs, **example_kwargs)``. The model is traced with
+    ``torch.export`` (``strict=False``), or with ``torch.fx`` when export fails. The model
     is not modified: tracing and verification work on deep copies. Every returned group passed
     verification: a random element (generator seeded with ``seed``) applied to a float64 eval-mode
     copy changes every output by at most ``tol`` relative (max |Δy| / max |y|); groups that fail are
@@ -40,14 +49,15 @@ def find_symmetries(
     check_materialized(model)
     model = plain_twin(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    det = Detector(model)
-    det.run(inputs)
+    kwargs = dict(example_kwargs or {})
+    det = Detector(model, inputs, kwargs)
+    det.run(inputs, kwargs)
     det.warn_unknown()
     groups = build_groups(det)
     smap = SymmetryMap(groups, unknown_ops=dict(det.unknown))
     if verify:
         kept = []
-        errors = verify_groups(model, inputs, groups, seed=seed)
+        errors = verify_groups(model, inputs, groups, seed=seed, kwargs=kwargs)
         for g, err in zip(groups, errors, strict=True):
             g.error = err
             if err <= tol:
@@ -261,6 +271,7 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         for leaf in _leaves(det, atoms):
             touch(leaf, key)
             members[(leaf, key)].add((name, dim, role))
+    _merge_shared_members(seg, members, nodes_of_leaf)
 
     groups: list[SymmetryGroup] = []
     for leaf in sorted(nodes_of_leaf.keys() | coords.keys()):
@@ -293,6 +304,20 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         g.shapes = {m.name: shapes[m.name] for m in g.members}
         g.label = f"{g.kind}#{i} [{', '.join(g.layers[:3])}{', ...' if len(g.layers) > 3 else ''}]"
     return groups
+
+
+def _merge_shared_members(seg: _UF, members: dict, nodes_of_leaf: dict) -> None:
+    """A parameter slice that takes part in two segments of one unit class (a tied embedding and LM head,
+    a module called twice) takes one transform: its segments are one."""
+    first: dict = {}
+    for (leaf, key), entries in members.items():
+        for name, dim, role in entries:
+            if role != "bn_exit":
+                seg.union((leaf, first.setdefault((leaf, name, dim), key)), (leaf, key))
+    for leaf, keys in nodes_of_leaf.items():
+        for key in keys:
+            if key[0] == "p":  # a parameter used directly as an operand
+                seg.union((leaf, first.setdefault((leaf, key[1], key[2]), key)), (leaf, key))
 
 
 def _class_members(entries, n, is_buffer) -> list[Member] | None:

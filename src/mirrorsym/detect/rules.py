@@ -286,12 +286,41 @@ for fn in [
     torch.ones_like,
     torch.full_like,
     torch.empty_like,
-    torch.tril,
-    torch.triu,
 ]:
     register_rule(fn, _constant)
 for name in ["new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"]:
     register_rule(name, _constant, method=True)
+
+
+def _positional(ctx: RuleContext) -> None:
+    """Ops whose result depends on the positions along every dim of their input (tril / triu keep the
+    entries on one side of the diagonal): everything they touch is fixed."""
+    for t in ctx.inputs:
+        ctx.pin(t)
+    out = ctx.output if isinstance(ctx.output, tuple) else (ctx.output,)
+    for y in out:
+        if isinstance(y, TensorAxes):
+            ctx.pin(y)
+
+
+for fn in [torch.tril, torch.triu]:
+    register_rule(fn, _positional)
+for name in ["tril", "triu"]:
+    register_rule(name, _positional, method=True)
+
+
+def _pow(ctx: RuleContext) -> None:
+    """``x ** c`` with a constant exponent: elementwise, only permutations pass (x**3 is odd, x**2 even,
+    x**0.5 positively homogeneous: one rule for all of them keeps it simple and safe)."""
+    if not isinstance(ctx.args[0], TensorAxes) or isinstance(ctx.args[1], TensorAxes):
+        raise UnsupportedCall("pow with a tensor exponent")
+    _unary(NONE, False)(ctx)
+
+
+for fn in [torch.pow, operator.pow]:
+    register_rule(fn, _pow)
+for name in ["pow", "__pow__"]:
+    register_rule(name, _pow, method=True)
 
 
 # ---------------------------------------------------------------------------- shape ops

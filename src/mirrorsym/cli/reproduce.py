@@ -33,7 +33,8 @@ def reproduce(
     backend: Annotated[str, typer.Option("--backend", help="Sweep backend: local | ray")] = "local",
     address: Annotated[str | None, typer.Option("--address", help="Ray address (with --backend ray).")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the experiments and exit.")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and rerun everything.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT/<experiment>/ (results, sweep "
+                                            "stores, figures) for the chosen experiments and rerun them.")] = False,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Folder with real data in torchvision's layout, used with --full: "
         "cifar-10-batches-py/ (permutation also trains ResNet-18 on CIFAR-10) and MNIST/raw/ (plasticity "

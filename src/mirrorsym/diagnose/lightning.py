@@ -3,8 +3,16 @@ Lightning; ``SymmetryMonitorCallback`` is built on first access and needs ``ligh
 ``pytorch_lightning``) installed.
 
     from mirrorsym.diagnose.lightning import SymmetryMonitorCallback
-    trainer = L.Trainer(callbacks=[SymmetryMonitorCallback(example_inputs, every=100)])
-    ...; callback.history  # DataFrame, as SymmetryMonitor.history
+    callback = SymmetryMonitorCallback(example_inputs, every=100, figures=True)
+    trainer = L.Trainer(callbacks=[callback], logger=TensorBoardLogger("tb"))   # or CSVLogger, WandbLogger, ...
+    ...; callback.history  # DataFrame, as SymmetryMonitor.history; callback.monitor.plot("history.png")
+
+The diagnosis is recorded when training starts and then whenever ``trainer.global_step`` is a multiple of
+``every``; each record goes to every logger of the trainer through ``logger.log_metrics(scalars, step)``
+(names ``mirrorsym/<group>/<metric>``: :mod:`mirrorsym.diagnose.monitor`), so a ``CSVLogger``'s
+``metrics.csv`` gets one column per scalar. With ``figures=True`` the report's figures and the history plot
+go to loggers that take figures: ``TensorBoardLogger`` (``experiment.add_figure``) and loggers with
+``log_image`` (``WandbLogger``).
 """
 
 from __future__ import annotations
@@ -26,28 +34,91 @@ def _callback_base():
     )
 
 
+def to_device(inputs, device):
+    """``inputs`` (a Tensor or a tuple/list of them) moved to ``device``; anything else unchanged."""
+    import torch
+
+    if device is None:
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    return inputs
+
+
+def log_to_loggers(loggers, values: dict, figures: dict, step: int) -> None:
+    """Scalars through ``logger.log_metrics(values, step)`` for every logger; figures through
+    ``logger.experiment.add_figure`` (TensorBoard) or ``logger.log_image`` (W&B) where there is one.
+    The figures are closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        for logger in loggers or []:
+            if values:
+                logger.log_metrics(values, step=step)
+            if not figures:
+                continue
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                for name, fig in figures.items():
+                    experiment.add_figure(f"mirrorsym/{name}", fig, step, close=False)
+            elif hasattr(logger, "log_image"):
+                for name, fig in figures.items():
+                    logger.log_image(key=f"mirrorsym/{name}", images=[fig], step=step)
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+
+
 def _build():
-    from .monitor import SymmetryMonitor
+    from .monitor import SymmetryMonitor, scalars
 
     class SymmetryMonitorCallback(_callback_base()):
-        """Calls :class:`SymmetryMonitor.step` after every training batch of the LightningModule."""
+        """Records :class:`SymmetryMonitor` on the LightningModule when training starts and every
+        ``every`` optimizer steps, and logs each record to the trainer's loggers (module docstring)."""
 
-        def __init__(self, example_inputs, every: int = 100, data=None, **diagnose_kwargs) -> None:
+        def __init__(self, example_inputs, every: int = 100, data=None, figures: bool = False,
+                     **diagnose_kwargs) -> None:
             super().__init__()
-            self.example_inputs, self.every, self.data, self.kwargs = (
+            self.example_inputs, self.every, self.data, self.figures, self.kwargs = (
                 example_inputs,
                 every,
                 data,
+                bool(figures),
                 diagnose_kwargs,
             )
             self.monitor: SymmetryMonitor | None = None
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        def _monitor(self, pl_module) -> SymmetryMonitor:
             if self.monitor is None:
+                device = getattr(pl_module, "device", None)
                 self.monitor = SymmetryMonitor(
-                    pl_module, self.example_inputs, every=self.every, data=self.data, **self.kwargs
+                    pl_module, to_device(self.example_inputs, device), every=self.every,
+                    data=to_device(self.data, device), figures=self.figures, **self.kwargs,
                 )
-            self.monitor.step()
+            return self.monitor
+
+        def _log(self, trainer, step: int) -> None:
+            loggers = getattr(trainer, "loggers", None)
+            if not loggers or self.monitor is None or self.monitor.last is None:
+                return
+            figs = self.monitor.report_figures() if self.figures else {}
+            log_to_loggers(loggers, scalars(self.monitor.last), figs, step)
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            monitor = self._monitor(pl_module)
+            step = int(getattr(trainer, "global_step", 0) or 0)
+            if monitor.last_step != step:
+                monitor.record(step=step)
+                self._log(trainer, step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            monitor = self._monitor(pl_module)
+            step = getattr(trainer, "global_step", None)
+            rep = monitor.step(None if step is None else int(step))
+            if rep is not None:
+                self._log(trainer, monitor.last_step)
 
         @property
         def history(self):

@@ -22,6 +22,7 @@ running statistics: that is why eval is the default).
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,15 +120,27 @@ def _iter_loader(data) -> Iterator[tuple[tuple, torch.Tensor | None]]:
 
 
 def resolve_modules(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
-    """The probed modules: ``names`` checked against the model, or by default every activation module,
-    or, if the model has none (functional activations), every Linear / Conv leaf."""
+    """The probed modules: ``names`` checked against the model, or by default every activation module.
+    A model without activation modules (activations applied functionally, ``torch.relu`` in ``forward``)
+    has no module whose output is a hidden layer: then the Linear / Conv leaves are probed except the
+    last (the logits), with a warning naming them, since their outputs are *pre*-activations."""
     modules = dict(model.named_modules())
     if names is not None:
         return {n: get_module(model, n, modules) for n in names}
     acts = {n: m for n, m in modules.items() if isinstance(m, ACTIVATIONS)}
     if acts:
         return acts
-    return {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *CONVS))}
+    layers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *CONVS))}
+    hidden = dict(list(layers.items())[:-1])
+    if hidden:
+        warnings.warn(
+            f"diagnose: {type(model).__name__} has no activation modules (functional activations?), so the "
+            f"probe reads the pre-activations of {list(hidden)[:6]}: a dead ReLU shows there as a negative, "
+            "not a zero, output. Use activation modules (nn.ReLU, ...) or pass layers= naming them.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return hidden
 
 
 def get_module(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> nn.Module:
@@ -169,16 +182,22 @@ class LayerStats:
     gram: torch.Tensor | None = None  # (units, units) Σ zzᵀ of the representation rows, float64
     shape: tuple = field(default_factory=tuple)
 
-    def update(self, out: torch.Tensor, atol: float) -> None:
+    def update(self, out: torch.Tensor, rel_floor: float) -> None:
+        """Add one batch. A unit counts as active on a row when |h| exceeds ``rel_floor`` × the largest
+        |h| of the whole layer in this batch: the same floor at the layer's scale that the weight-based
+        dead count uses, so a unit left with tiny positive activations (a decayed ReLU unit with a 1e-14
+        bias) is dead by both counts."""
         out = out.detach()
         if self.channel_first and out.dim() >= 3:
             flat = out.flatten(2)  # (N, C, positions)
-            active = (flat.abs() > atol).any(2)
+            floor = rel_floor * flat.abs().amax()
+            active = (flat.abs() > floor).any(2)
             mean_abs = flat.abs().mean(2)
             rep = flat.mean(2)
         else:
             rep = out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.reshape(-1, 1)
-            active, mean_abs = rep.abs() > atol, rep.abs()
+            floor = rel_floor * rep.abs().amax()
+            active, mean_abs = rep.abs() > floor, rep.abs()
         self.shape = tuple(out.shape[1:])
         add = {"active": active.sum(0, dtype=torch.float64), "abs_sum": mean_abs.double().sum(0)}
         for k, v in add.items():

@@ -305,7 +305,7 @@ def probe_data(
     mode: str = "eval",
     batch_size: int = 256,
     max_samples: int = 20000,
-    atol: float = 0.0,
+    dead_tol: float = M.DEAD_TOL,
     redo_tau: float = 0.025,
 ) -> dict:
     """Run the model on ``data`` with hooks; return the activation table, NC metrics and the embedding
@@ -327,7 +327,7 @@ def probe_data(
             key = name if calls[name] == 1 else f"{name}#{calls[name]}"
             if key not in stats:
                 stats[key] = probe.LayerStats(channel_first=probe.channel_first(module, out))
-            stats[key].update(out, atol)
+            stats[key].update(out, dead_tol)
 
         return hook
 
@@ -474,6 +474,7 @@ def diagnose(
             mode=mode,
             batch_size=batch_size,
             max_samples=max_samples,
+            dead_tol=dead_tol,
         )
         rep.activations = res["activations"]
         rep.neural_collapse = res["neural_collapse"]

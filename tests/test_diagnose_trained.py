@@ -76,3 +76,28 @@ def test_counts_match_an_independent_count_and_the_activations(digits, act, odd,
     # dead units are never distinct, and the activation probe agrees with the weights
     assert distinct <= 32 - dead
     assert int(rep.activations["dead"].iloc[0]) == dead
+
+
+def test_dcs_training_is_monitored_with_the_groups_of_the_plain_twin(digits):
+    """ms.diagnose and SymmetryMonitor follow a model under ms.constrain: same groups as the plain model,
+    and the monitor sees the gated units die as DCS trains."""
+    x, y = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    plain_groups = [(g.kind, g.size, sorted(g.params)) for g in ms.find_symmetries(net, x[:2])]
+    ms.constrain.apply(net, x[:2], kind="units")
+    assert [(g.kind, g.size, sorted(g.params)) for g in ms.find_symmetries(net, x[:2])] == plain_groups
+    monitor = ms.SymmetryMonitor(net, x[:2], every=200, data=(x[:256], y[:256]))
+    opt = torch.optim.SGD(ms.constrain.param_groups(net, weight_decay=2e-2), lr=0.1, momentum=0.9)
+    for _ in range(801):
+        monitor.step()
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    hist = monitor.history
+    perm = hist[hist["kind"] == "permutation"]
+    assert list(perm["step"]) == [0, 200, 400, 600, 800]
+    assert perm["dead"].iloc[0] == 0 and perm["dead"].iloc[-1] > 0
+    gates = net[0].parametrizations.weight[0].gate.detach().abs()
+    assert int(perm["dead"].iloc[-1]) == int((gates <= 1e-3 * gates.max()).sum())

@@ -11,13 +11,15 @@ MODEL is resolved in this order:
    file read with ``torch.load(weights_only=True)``, which cannot run code. A whole pickled module needs
    full unpickling, which executes code from the file: only with ``--trust-pickle`` (then
    ``weights_only=False``). A plain state_dict is not a model: pass the architecture as MODEL and the file
-   as ``--checkpoint``;
+   as ``--checkpoint``. A file written by ``ms.constrain.save_exported`` (marker ``mirrorsym_format:
+   "exported"``) is a model: its architecture tree of standard torch modules is rebuilt;
 3. ``package.module:name`` or ``path/to/file.py:name``: ``name`` is an ``nn.Module``, or a zero-argument
    factory (a function or class) returning an ``nn.Module`` or ``(model, example_inputs)``. Importing it
    runs that code: it is yours.
 
 ``--checkpoint PATH`` is a state dict (or a dict holding one under ``state_dict`` / ``model``), always read
-with ``weights_only=True`` and loaded strictly.
+with ``weights_only=True`` and loaded strictly. A file written by ``ms.constrain.save_constrained`` (marker
+``mirrorsym_format: "constrained"``) first re-registers its DCS parametrizations on the plain MODEL.
 
 Example inputs: ``--input-shape`` is the FULL shape including the batch dimension (``1,3,224,224`` for
 images, ``1,16`` for 16 tokens). ``--input-dtype float32|float64|long`` (default: ``long`` when the model's
@@ -209,6 +211,14 @@ def _from_file(path: Path, trust_pickle: bool) -> nn.Module:
                         f"{one_line(exc)[:300]}); is it a complete torch.save file?") from exc
     if isinstance(obj, nn.Module):
         return obj
+    fmt = _mirrorsym_format(obj)
+    if fmt == "exported":
+        return _rebuild_exported(obj, path)
+    if fmt == "constrained":
+        raise UserError(
+            f"MODEL file {path} holds a constrained model's weights (ms.constrain.save_constrained), which "
+            "need the plain architecture: pass it as MODEL (package.module:factory or file.py:name) and this "
+            f"file as --checkpoint {path}")
     if _is_state_dict(obj):
         raise UserError(
             f"MODEL file {path} holds a state_dict (weights without the architecture): pass the architecture "
@@ -298,6 +308,41 @@ def _from_factory(spec: str) -> tuple[nn.Module, object]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# mirrorsym's own save formats (ms.constrain.save_exported / save_constrained): a dict with a format marker
+
+
+def _mirrorsym_format(obj) -> str | None:
+    """``"exported"`` / ``"constrained"`` for a dict written by ``ms.constrain.save_exported`` /
+    ``save_constrained`` (marker key ``mirrorsym_format``), else None."""
+    from ..constrain.serialize import file_format
+
+    return file_format(obj)
+
+
+def _rebuild_exported(obj: Mapping, path: Path) -> nn.Module:
+    """The exported model rebuilt from the file's architecture tree (standard torch modules only)."""
+    from ..constrain.serialize import model_from_exported
+
+    try:
+        return model_from_exported(obj, f"MODEL file {path}")
+    except ValueError as exc:
+        raise UserError(one_line(exc)[:500]) from exc
+
+
+def _constrain_like(model: nn.Module, obj: Mapping, path: Path) -> None:
+    """Register on the plain MODEL the parametrizations the constrained checkpoint describes."""
+    from ..constrain.serialize import VERSION, constrain_like
+
+    if int(obj.get("version", 0)) > VERSION:
+        raise UserError(f"--checkpoint {path} has mirrorsym format version {obj['version']}; this mirrorsym "
+                        f"reads up to {VERSION}: upgrade mirrorsym")
+    try:
+        constrain_like(model, obj["parametrizations"], obj["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"--checkpoint {path} (a constrained model) does not fit MODEL: {one_line(exc)[:300]}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
 # --checkpoint
 
 
@@ -319,7 +364,14 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
                 "path). A whole pickled model goes as MODEL, with --trust-pickle if you trust it") from exc
         raise UserError(f"--checkpoint {path} cannot be read by torch.load ({type(exc).__name__}: "
                         f"{one_line(exc)[:300]}); is it a complete torch.save file?") from exc
-    if isinstance(state, Mapping):
+    fmt = _mirrorsym_format(state)
+    if fmt == "exported":
+        raise UserError(f"--checkpoint {path} holds an exported model with its architecture "
+                        "(ms.constrain.save_exported): pass the file as MODEL, without --checkpoint")
+    if fmt == "constrained":
+        _constrain_like(model, state, path)
+        state = state["state_dict"]
+    elif isinstance(state, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), Mapping):
                 state = state[key]

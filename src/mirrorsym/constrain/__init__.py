@@ -22,6 +22,7 @@ from .parametrizations import (
     weight_decay_for,
 )
 from .remove import Offset, SymmetryRemoval, l2_init, remove_symmetries, shrink_and_perturb
+from .serialize import load_constrained, load_exported, save_constrained, save_exported
 from .units import unit_groups
 
 __all__ = [
@@ -42,9 +43,13 @@ __all__ = [
     "group_sparse",
     "l2_init",
     "linear",
+    "load_constrained",
+    "load_exported",
     "low_rank",
     "param_groups",
     "remove_symmetries",
+    "save_constrained",
+    "save_exported",
     "shrink_and_perturb",
     "sparse",
     "unit_groups",

@@ -288,3 +288,16 @@ def test_hf_trainer_log_history_gets_the_metrics(tmp_path, attach):
     dead = next(k for k in entries[0] if k.startswith("mirrorsym/permutation") and k.endswith("/dead"))
     assert all(e[dead] == 2 for e in entries)
     assert sorted(callback.history["step"].unique()) == [0, 2, 4]
+
+
+def test_readme_logging_block_runs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Logging\s+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    env = {"ms": ms, "model": planted_mlp(), "example_inputs": torch.randn(2, 5, dtype=F64)}
+    exec(compile(block, "README.md", "exec"), env)  # noqa: S102
+    assert (tmp_path / "history.png").exists() and any((tmp_path / "runs" / "tb").iterdir())

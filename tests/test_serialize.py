@@ -276,3 +276,18 @@ def test_cli_diagnoses_both_formats(tmp_path, monkeypatch):
     # a constrained file names what it needs when given as MODEL
     result = cli.invoke(app, ["diagnose", "./dcs.pt", "--data", "digits"])
     assert result.exit_code == 2 and "--checkpoint" in result.output
+
+
+def test_readme_save_and_load_block_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Save and load\s+.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    model = _mlp()
+    x = _x(8, 5)
+    ms.constrain.apply(model, x, kind="units")
+    env = {"ms": ms, "model": model, "model_factory": _mlp, "example_inputs": x}
+    exec(compile(block, "README.md", "exec"), env)  # noqa: S102
+    assert torch.equal(env["small"](x), env["model"](x)) or torch.allclose(env["small"](x), env["model"](x))

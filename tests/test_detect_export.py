@@ -487,3 +487,47 @@ def test_gated_product_scale_needs_a_nonlinear_gate():
     assert set(gated.by_kind("scale")[0].params) == {"u.weight", "u.bias", "d.weight"}
     assert kinds(find_quiet(GLU(False), x)) == {("permutation", 5): 1}
     assert_exact(GLU(True), (x,), {}, gated)
+
+
+class GQAttention(nn.Module):
+    """4 query heads sharing 2 key/value heads (dh = 4), through SDPA's ``enable_gqa`` or an explicit
+    expand + reshape of k and v (Hugging Face's ``repeat_kv``)."""
+
+    def __init__(self, enable_gqa):
+        super().__init__()
+        self.enable_gqa = enable_gqa
+        self.inp, self.q, self.k, self.v = nn.Linear(5, 16), nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = torch.tanh(self.inp(x))
+        q = self.q(h).view(b, t, 4, 4).transpose(1, 2)
+        k = self.k(h).view(b, t, 2, 4).transpose(1, 2)
+        v = self.v(h).view(b, t, 2, 4).transpose(1, 2)
+        if self.enable_gqa:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k = k[:, :, None].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4)
+            v = v[:, :, None].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(torch.tanh(self.o(y.transpose(1, 2).reshape(b, t, 16))))
+
+
+def test_sdpa_enable_gqa_reads_like_repeat_kv():
+    """Per KV head: a q.k rotation (its k rows and the q rows of both its query heads) and a v.o rotation
+    (its v rows, the o columns of both query heads); the KV heads permute with their query heads, and the
+    query heads within a group permute (q rows, o columns); tanh units of inp and o: permutation and sign
+    flip each. enable_gqa=True gives exactly the groups of the explicit expand."""
+    x = torch.randn(2, 5, 5)
+    torch.manual_seed(0)
+    model = GQAttention(True)
+    smap = find_quiet(model, x)
+    assert kinds(smap) == {("rotation", 4): 4, ("permutation", 2): 2, ("permutation", 16): 2, ("sign_flip", 16): 2}
+    qk = of(smap, "rotation", 4, "q.weight")
+    assert [g.params["k.weight"] for g in qk] == [(0, rows(0, 4)), (0, rows(4, 4))]
+    assert [g.params["q.weight"] for g in qk] == [(0, rows(0, 8)), (0, rows(8, 8))]
+    assert_exact(model, (x,), {}, smap)
+    torch.manual_seed(0)
+    explicit = find_quiet(GQAttention(False), x)
+    assert _signature(explicit) == _signature(smap)

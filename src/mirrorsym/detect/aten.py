@@ -515,11 +515,28 @@ def _embedding(ctx: RuleContext) -> None:
 _reg(["embedding.default"], _embedding)
 
 
+def _repeat_heads(ctx: RuleContext, t: TensorAxes, g: int) -> TensorAxes:
+    """``t`` (..., H, S, E) with every head repeated ``g`` times (head j of the result is head j // g), as
+    ``enable_gqa`` does: an expand of a new size-g dim after the heads, then a reshape (Hugging Face's
+    ``repeat_kv``)."""
+    lead, h = t.shape[:-3], t.shape[-3]
+    e = ctx.new_value(lead + (h, g) + t.shape[-2:])
+    for d in range(t.ndim):
+        ctx.elementwise(t, d, e, d if d < t.ndim - 2 else d + 1)
+    ctx.stop(e, t.ndim - 2)  # the copies of a head: equal, so permuting them changes nothing
+    r = ctx.new_value(lead + (h * g,) + t.shape[-2:])
+    R._reshape(_with(ctx, [e], (), output=r))
+    return r
+
+
 def _sdpa(ctx: RuleContext) -> None:
     q, k, v = ctx.args[0], ctx.args[1], ctx.args[2]
     y = R._y(ctx)
     if ctx.arg(7, "enable_gqa", False) and q.shape[-3] != k.shape[-3]:
-        raise UnsupportedCall("scaled_dot_product_attention with enable_gqa")
+        if q.ndim < 3 or q.shape[-3] % k.shape[-3] or k.shape[-3] != v.shape[-3]:
+            raise UnsupportedCall("scaled_dot_product_attention with enable_gqa and uneven heads")
+        g = q.shape[-3] // k.shape[-3]
+        k, v = _repeat_heads(ctx, k, g), _repeat_heads(ctx, v, g)
     R._sdpa(_with(ctx, [q, k, v], ctx.real_args[:3]))
     mask = ctx.args[3] if len(ctx.args) > 3 else ctx.kwargs.get("attn_mask")
     if not isinstance(mask, TensorAxes):

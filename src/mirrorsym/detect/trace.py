@@ -336,6 +336,16 @@ class Detector:
             if hasattr(arg, "name") and type(arg).__name__ != "ConstantArgument"
         }
         keep: dict[str, object] = {}
+        # a kept value is released after the last module call that reads or writes it
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        last: dict[str, _Region] = {}
+        for r in sorted(regions, key=lambda r: order[r.end]):
+            for arg in list(r.signature.inputs) + list(r.signature.outputs):
+                if type(arg).__name__ == "TensorArgument":
+                    last[arg.name] = r
+        release: dict[str, list[str]] = {}
+        for name, r in last.items():
+            release.setdefault(r.call, []).append(name)
         det = self
         env: dict[fx.Node, object] = {}
 
@@ -348,6 +358,8 @@ class Detector:
                 if region is not None:
                     if n is region.end:
                         det._visit_region(region, env, keep)
+                        for name in release.get(region.call, ()):
+                            keep.pop(name, None)
                     return result
                 if n.op == "placeholder":
                     det._visit_placeholder(n, kind_of[n], result, env)

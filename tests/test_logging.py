@@ -175,6 +175,24 @@ def test_spectra_are_clipped_and_kinds_deduplicated():
     plt.close(fig)
 
 
+def test_cnn_channels_count_once_and_their_kinds_share_a_line():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        cnn[0].weight[2] = 0
+        cnn[0].bias[2] = 0
+        cnn[4].weight.view(3, 4, 36)[:, 2] = 0
+    rep = ms.diagnose(cnn, torch.randn(2, 1, 8, 8))
+    assert len(rep.to_pandas()) >= 3  # permutation, rescale and BatchNorm-scale groups of the same 4 channels
+    bars = plots.unit_bars(rep)
+    assert bars[["units", "dead", "duplicated", "distinct"]].values.tolist() == [[4, 1, 0, 3]]
+    fig = plots.dead_distinct_figure(rep)
+    assert len(fig.axes[0].patches) == 3  # one stacked bar (three parts)
+    plt.close(fig)
+    labels = [ln["label"] for ln in plots.spectrum_lines(rep)]
+    assert any(label.endswith("permutation = rescale") for label in labels)
+
+
 def test_embedding_spectrum_axis_spans_the_data_only():
     rep = ms.diagnose.DiagnoseReport(groups=pd.DataFrame(columns=["group", "layer", "kind"]))
     rep.embedding_spectrum = np.array([0.0, 1e-20, 3e-3, 2.0, 1e-300])  # unsorted, with exact zeros
@@ -203,7 +221,7 @@ def test_report_plot_writes_the_pngs(tmp_path):
 # --------------------------------------------------------------------------------------------- Lightning
 def test_lightning_csv_logger_gets_the_mirrorsym_columns(tmp_path):
     L = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from mirrorsym.diagnose.lightning import SymmetryMonitorCallback
 
@@ -226,20 +244,37 @@ def test_lightning_csv_logger_gets_the_mirrorsym_columns(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(24, 5, generator=g), torch.randn(24, 3, generator=g))
-    callback = SymmetryMonitorCallback(torch.randn(2, 5), every=2)
+    callback = SymmetryMonitorCallback(torch.randn(2, 5), every=2, figures=True)
+    loggers = [CSVLogger(tmp_path / "csv")]
+    if tb := _has_tensorboard():
+        loggers.append(TensorBoardLogger(tmp_path / "tb"))
     trainer = L.Trainer(
-        max_steps=6, logger=CSVLogger(tmp_path), callbacks=[callback], enable_checkpointing=False,
+        max_steps=6, logger=loggers, callbacks=[callback], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, accelerator="cpu",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
-    csv = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
+    csv = pd.read_csv(next((tmp_path / "csv").rglob("metrics.csv")))
     dead = [c for c in csv.columns if c.startswith("mirrorsym/permutation") and c.endswith("/dead")]
     assert dead and "loss" in csv.columns
     rows = csv.dropna(subset=dead)
     assert sorted(rows["step"]) == [0, 2, 4, 6] and (rows[dead[0]] == 2).all()
     assert sorted(callback.history["step"].unique()) == [0, 2, 4, 6]
+    if tb:  # figures go to the TensorBoard logger (add_figure), scalars too
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.*")).parent)).Reload()
+        assert {"mirrorsym/dead_distinct", "mirrorsym/history"} <= set(acc.Tags()["images"])
+        assert any(t.startswith("mirrorsym/") for t in acc.Tags()["scalars"])
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face

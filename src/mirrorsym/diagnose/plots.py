@@ -142,7 +142,9 @@ def spectrum_lines(rep) -> list[dict]:
             (
                 ln
                 for ln in lines
-                if ln["layer"] == layer and kind not in ln["kinds"] and len(ln["values"]) == len(values)
+                if kind not in ln["kinds"] and len(ln["values"]) == len(values)
+                and (covered(layer, len(values), ln["layer"], len(values))
+                     or covered(ln["layer"], len(values), layer, len(values)))
                 and np.allclose(ln["values"], values, rtol=1e-9, atol=SPECTRUM_FLOOR)
             ),
             None,
@@ -150,6 +152,8 @@ def spectrum_lines(rep) -> list[dict]:
         if same is not None:  # e.g. a layer's permutation and rescale groups: the same canonical units
             same["groups"].append(name)
             same["kinds"].append(kind)
+            if kind == "permutation":  # name the units by the permutation's (widest) layer list
+                same["layer"] = layer
             continue
         lines.append({"layer": layer, "kinds": [kind], "groups": [name], "values": values})
     labels = [f"{ln['layer']}: {' = '.join(k for k in ln['kinds'] if k) or 'group'}" for ln in lines]
@@ -183,10 +187,38 @@ def spectra_figure(rep):
     return fig
 
 
+def _layer_set(layer: str) -> tuple[frozenset, bool]:
+    """The layer names of a table ``layer`` entry, and whether the list is complete (report.layer_name
+    writes ``first (+n)`` for more than three layers)."""
+    if " (+" in layer:
+        return frozenset([layer.split(" (+")[0]]), False
+    return frozenset(layer.split(",")), True
+
+
+def covered(layer: str, units: int, by_layer: str, by_units: int) -> bool:
+    """Whether a group over ``layer`` (``units`` units) acts on the units of a permutation group over
+    ``by_layer``: the same number of units and layers among the permutation's layers (a layer's rescale,
+    sign-flip, scale and BatchNorm-scale groups act on a subset of the tensors its permutation moves)."""
+    if units != by_units:
+        return False
+    mine, full = _layer_set(layer)
+    theirs, theirs_full = _layer_set(by_layer)
+    return mine <= theirs if full and theirs_full else bool(mine & theirs)
+
+
 def unit_bars(rep) -> pd.DataFrame:
-    """Per layer: ``layer, units, dead, duplicated, distinct`` (dead + duplicated + distinct = units),
-    the data of :func:`dead_distinct_figure`."""
+    """One row per set of units: ``layer, units, dead, duplicated, distinct`` (dead + duplicated +
+    distinct = units), the data of :func:`dead_distinct_figure`. Permutation groups define the units;
+    a diagonal group (rescale, sign flip, scale, BatchNorm scale) over the same units (:func:`covered`)
+    adds no bar, one over units no permutation moves adds its own."""
     rows = unit_rows(rep.groups)
+    perms = rows[rows["kind"] == "permutation"]
+    keep = [
+        r.kind == "permutation"
+        or not any(covered(str(r.layer), int(r.units), str(p.layer), int(p.units)) for p in perms.itertuples())
+        for r in rows.itertuples()
+    ]
+    rows = rows[keep]
     out = pd.DataFrame(
         {
             "layer": rows["layer"].astype(str).to_numpy(),

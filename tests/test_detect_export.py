@@ -531,3 +531,39 @@ def test_sdpa_enable_gqa_reads_like_repeat_kv():
     torch.manual_seed(0)
     explicit = find_quiet(GQAttention(False), x)
     assert _signature(explicit) == _signature(smap)
+
+
+def test_a_users_rule_for_a_torch_function_reads_its_aten_op(monkeypatch):
+    """register_rule(torch.cumsum, rule) also reads aten.cumsum on the export path (and only the user's
+    rules are matched by name; the registry is restored after the test)."""
+    from mirrorsym.detect import register_rule, registry
+
+    monkeypatch.setattr(registry, "_FUNCTION_RULES", dict(registry._FUNCTION_RULES))
+    monkeypatch.setattr(registry, "_USER", set(registry._USER))
+
+    class CumsumOverBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(torch.tanh(self.a(x)), dim=0))
+
+    model, x = CumsumOverBatch(), torch.randn(5, 3)
+    with pytest.warns(DetectWarning, match="cumsum"):
+        assert len(find_symmetries(model, x)) == 0
+
+    @register_rule(torch.cumsum)
+    def _cumsum(ctx):  # order-dependent along `dim`, linear and unit by unit along the others
+        x_, y = ctx.inputs[0], ctx.output
+        d = ctx.arg(1, "dim") % x_.ndim
+        for k in range(x_.ndim):
+            if k == d:
+                ctx.pin(x_, k)
+                ctx.pin(y, k)
+            else:
+                ctx.elementwise(x_, k, y, k)
+
+    smap = find_quiet(model, x)
+    assert kinds(smap) == {("permutation", 6): 1, ("sign_flip", 6): 1}
+    assert_exact(model, (x,), {}, smap)

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 _MODULE_RULES: dict[type, Callable] = {}
 _FUNCTION_RULES: dict[object, Callable] = {}
 _METHOD_RULES: dict[str, Callable] = {}
+_USER: set = set()  # functions and method names registered after the built-in rules (by users)
+_BUILTINS_LOADED = False
 
 
 def register_rule(target, rule: Callable | None = None, *, method: bool = False):
     """Describe how ``target`` couples the axes of its inputs, outputs and parameters.
 
-    ``target`` is an ``nn.Module`` subclass (instances become leaves of the trace), a function (e.g.
-    ``torch.tanh``) or, with ``method=True``, a Tensor method name (e.g. ``"tanh"``). ``rule(ctx)``
+    ``target`` is an ``nn.Module`` subclass (instances become leaves of the trace: read as a whole by
+    ``rule`` on both the torch.export and the torch.fx path), a function (e.g. ``torch.tanh``), an ATen
+    overload or packet (e.g. ``torch.ops.aten.cumsum.default``: what the torch.export path sees) or, with
+    ``method=True``, a Tensor method name (e.g. ``"tanh"``). On the torch.export path a rule for a torch
+    function, ``torch.nn.functional`` function or Tensor method also reads the ATen op of the same name
+    (``torch.cumsum`` -> ``aten.cumsum``), whose arguments it then receives. ``rule(ctx)``
     receives a :class:`mirrorsym.detect.RuleContext` and states the coupling with its methods
     (``same``, ``elementwise``, ``source``, ``sink``, ``passive``, ``contract``, ``bn_exit``, ``stop``,
     ``pin``). Use as a decorator or call directly. A rule registered later for the same target wins.
@@ -47,9 +54,37 @@ def register_rule(target, rule: Callable | None = None, *, method: bool = False)
         _MODULE_RULES[target] = rule
     elif method or isinstance(target, str):
         _METHOD_RULES[str(target)] = rule
+        if _BUILTINS_LOADED:
+            _USER.add(("method", str(target)))
     else:
         _FUNCTION_RULES[target] = rule
+        if _BUILTINS_LOADED:
+            _USER.add(("function", target))
     return rule
+
+
+def builtins_loaded() -> None:
+    """Called once the built-in rules are registered: later registrations are the user's."""
+    global _BUILTINS_LOADED
+    _BUILTINS_LOADED = True
+
+
+def lookup_user_by_name(op) -> Callable | None:
+    """For an ATen overload (torch.export path): a rule the user registered for the torch function,
+    ``torch.nn.functional`` function or Tensor method of the same name, else None."""
+    packet = getattr(op, "overloadpacket", op)
+    name = getattr(packet, "__name__", None)
+    if not isinstance(name, str):
+        return None
+    for fn in (getattr(torch, name, None), getattr(torch.nn.functional, name, None)):
+        try:
+            if fn is not None and ("function", fn) in _USER:
+                return _FUNCTION_RULES.get(fn)
+        except TypeError:  # unhashable
+            continue
+    if ("method", name) in _USER:
+        return _METHOD_RULES.get(name)
+    return None
 
 
 def lookup_module(cls: type) -> Callable | None:

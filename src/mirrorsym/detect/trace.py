@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from .aten import lookup_aten
 from .axes import AxisStore
 from .context import Events, RuleContext, TensorAxes
-from .registry import lookup_function, lookup_module
+from .registry import lookup_function, lookup_module, lookup_user_by_name
 
 
 class DetectWarning(UserWarning):
@@ -490,8 +490,9 @@ class Detector:
         self, target, path, args, kwargs, out, real_args=(), real_kwargs=None, method: bool = False, node=None
     ) -> None:
         rule = lookup_function(target, method)
-        if rule is None and not method:
-            rule = lookup_aten(target)
+        if rule is None and isinstance(target, torch._ops.OpOverload):
+            # a rule for the packet, the user's rule for the torch function of the same name, the ATen table
+            rule = lookup_function(target.overloadpacket) or lookup_user_by_name(target) or lookup_aten(target)
         ctx = RuleContext(self, target, path, args, kwargs, out, None, real_args, real_kwargs, node=node)
         if isinstance(target, torch._ops.OpOverload):
             name = str(target)

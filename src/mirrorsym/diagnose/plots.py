@@ -24,6 +24,7 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .summary import unit_rows  # noqa: E402
 
@@ -337,13 +338,22 @@ def plot_report(rep, out: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------- history figure
 def history_figure(history: pd.DataFrame, metrics=HISTORY_METRICS):
     """A monitor's history: one panel per metric (``metrics`` that have a value), one line per group
-    against the step; colour = layer, line style = kind, one legend for the figure. None when empty."""
+    against the step; colour = layer, line style = kind, one legend for the figure. In the dead and
+    distinct panels a diagonal group over a permutation's units (same counts) is not drawn again. None
+    when empty."""
     if history is None or not len(history):
         return None
     present = [m for m in metrics if m in history and history[m].notna().any()]
     if not present:
         return None
-    groups = history.drop_duplicates("group")[["group", "layer", "kind"]]
+    groups = history.drop_duplicates("group")[["group", "layer", "kind", "units"]]
+    perms = groups[groups["kind"] == "permutation"]
+    # unit counts of a diagonal group over a permutation's units repeat the permutation's: drawn once
+    repeats = {
+        g.group for g in groups.itertuples()
+        if g.kind != "permutation" and any(covered(str(g.layer), int(g.units), str(p.layer), int(p.units))
+                                           for p in perms.itertuples())
+    }
     colours = {layer: f"C{i % 10}" for i, layer in enumerate(dict.fromkeys(groups["layer"]))}
     ncols = min(3, len(present))
     nrows = math.ceil(len(present) / ncols)
@@ -353,6 +363,8 @@ def history_figure(history: pd.DataFrame, metrics=HISTORY_METRICS):
     handles = {}
     for ax, metric in zip(axes.flat, present, strict=False):
         for g in groups.itertuples():
+            if metric in ("dead", "distinct") and g.group in repeats:
+                continue
             rows = history[(history["group"] == g.group) & history[metric].notna()].sort_values("step")
             if not len(rows):
                 continue
@@ -363,10 +375,15 @@ def history_figure(history: pd.DataFrame, metrics=HISTORY_METRICS):
             handles.setdefault(f"{g.layer}: {g.kind}", line)
         values = history[metric].dropna().to_numpy(dtype=float)
         positive = values[values > 0]
-        if metric == "distance" and len(positive) == len(values) and positive.max() > 100 * positive.min():
+        if metric in ("dead", "distinct", "num_rank", "approx_rank", "srank"):  # counts: 0 … units, integer ticks
+            top = float(history.loc[history[metric].notna(), "units"].max())
+            ax.set_ylim(-0.02 * top, 1.05 * top)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        elif metric == "distance" and len(positive) == len(values) and positive.max() > 100 * positive.min():
             ax.set_yscale("log")
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
     fig.legend(list(handles.values()), list(handles), fontsize=7, loc="outside lower center",

@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         ax[1].semilogy(h["step"], h["distance"].clip(lower=1e-12), label=label)
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("dead units (of 16)")
-    ax[0].set_title("Dead units (diagnose: ‖unit‖ ≤ √eps · max)")
+    ax[0].set_title("Dead units (diagnose: ‖unit‖ ≤ 10⁻³ · max over units)")
     ax[0].legend(fontsize=8)
     ax[1].set_xlabel("step")
     ax[1].set_ylabel("min over units of ‖θ_unit‖")

@@ -194,6 +194,15 @@ def test_cnn_channels_count_once_and_their_kinds_share_a_line():
     assert any(label.endswith("permutation = rescale") for label in labels)
 
 
+def test_rotation_only_report_has_no_unit_bars():
+    from mirrorsym.diagnose.report import GROUP_COLUMNS
+
+    row = dict.fromkeys(GROUP_COLUMNS, float("nan")) | {"group": "qk:0", "kind": "rotation", "layer": "attn",
+                                                        "units": 4, "num_rank": 2}
+    rep = ms.diagnose.DiagnoseReport(groups=pd.DataFrame([row], columns=list(GROUP_COLUMNS)))
+    assert plots.unit_bars(rep).empty and plots.dead_distinct_figure(rep) is None
+
+
 def test_embedding_spectrum_axis_spans_the_data_only():
     rep = ms.diagnose.DiagnoseReport(groups=pd.DataFrame(columns=["group", "layer", "kind"]))
     rep.embedding_spectrum = np.array([0.0, 1e-20, 3e-3, 2.0, 1e-300])  # unsorted, with exact zeros

@@ -219,7 +219,7 @@ def unit_bars(rep) -> pd.DataFrame:
         or not any(covered(str(r.layer), int(r.units), str(p.layer), int(p.units)) for p in perms.itertuples())
         for r in rows.itertuples()
     ]
-    rows = rows[keep]
+    rows = rows[np.asarray(keep, dtype=bool)]  # (a plain empty list would select columns)
     out = pd.DataFrame(
         {
             "layer": rows["layer"].astype(str).to_numpy(),

@@ -38,11 +38,11 @@ def _callback_base():
     return TrainerCallback
 
 
-def _build():
+def _build(base):
     from .lightning import to_device
     from .monitor import SymmetryMonitor, scalars
 
-    class SymmetryMonitorCallback(_callback_base()):
+    class SymmetryMonitorCallback(base):
         """A ``transformers.TrainerCallback`` that records :class:`SymmetryMonitor` on the Trainer's model
         and adds the scalars to the Trainer's logs (module docstring)."""
 
@@ -96,9 +96,15 @@ def _build():
     return SymmetryMonitorCallback
 
 
+_BUILT: dict = {}
+
+
 def __getattr__(name: str):
     if name == "SymmetryMonitorCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
+        # one class per base class, looked up on every access (not cached in the module's globals), so the
+        # class always derives from the Callback that is importable now
+        base = _callback_base()
+        if base not in _BUILT:
+            _BUILT[base] = _build(base)
+        return _BUILT[base]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,10 +71,10 @@ def log_to_loggers(loggers, values: dict, figures: dict, step: int) -> None:
             plt.close(fig)
 
 
-def _build():
+def _build(base):
     from .monitor import SymmetryMonitor, scalars
 
-    class SymmetryMonitorCallback(_callback_base()):
+    class SymmetryMonitorCallback(base):
         """Records :class:`SymmetryMonitor` on the LightningModule when training starts and every
         ``every`` optimizer steps, and logs each record to the trainer's loggers (module docstring)."""
 
@@ -127,9 +127,15 @@ def _build():
     return SymmetryMonitorCallback
 
 
+_BUILT: dict = {}
+
+
 def __getattr__(name: str):
     if name == "SymmetryMonitorCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
+        # one class per base class, looked up on every access (not cached in the module's globals), so the
+        # class always derives from the Callback that is importable now
+        base = _callback_base()
+        if base not in _BUILT:
+            _BUILT[base] = _build(base)
+        return _BUILT[base]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -76,6 +76,9 @@ def test_counts_match_an_independent_count_and_the_activations(digits, act, odd,
     # dead units are never distinct, and the activation probe agrees with the weights
     assert distinct <= 32 - dead
     assert int(rep.activations["dead"].iloc[0]) == dead
+    # one naming: the activation row of the hidden layer carries the name of the group of its units
+    assert rep.activations["layer"].iloc[0] == groups["layer"].iloc[0] == "0,2"
+    assert rep.activations["module"].iloc[0] == "1"
 
 
 def test_dcs_training_is_monitored_with_the_groups_of_the_plain_twin(digits):

@@ -1,25 +1,32 @@
-"""``diagnose``: read a model through its SymmetryMap and report how collapsed it is (THEORY.md §7).
+"""``diagnose``: read a model through its SymmetryMap and report how collapsed it is (docs/theory.md,
+collapse metrics).
 
-Weights only (always), one row per symmetry group:
+Layer names: a group's ``layer`` is its layers (module paths) joined by commas, or the first and how
+many more when there are more than three (:func:`layer_name`); the activation table uses the same name
+for the group whose units a probed module outputs, and keeps the module path in ``module``.
 
-* ``units``: k, the number of units the group acts on (neurons, channels, head dimensions);
-* ``dead``: units whose parameters (incoming, bias, outgoing: every coordinate of the group's slices)
-  are zero within a relative tolerance, ‖u‖ ≤ rtol·max‖u‖ (:func:`metrics.dead_units`);
-* ``distinct``: clusters of identical units, single linkage with ‖u − v‖ ≤ rtol·max(‖u‖, ‖v‖)
-  (:func:`metrics.unit_clusters`; exactly-zero units form one cluster). ``rtol`` defaults to √eps of
-  the parameters' dtype (3.5e-4 float32, 1.5e-8 float64);
-* ``distance``: to the nearest symmetric surface of the group, as ``SymmetryGroup.distance`` defines it:
-  permutation min_{u≠v}‖u − v‖/√2 (from the clustering's Gram matrix, closest pairs re-measured
-  exactly), rotation σ_min of the unit matrix (via QR), other kinds the group's own ``distance(model)``;
+``DiagnoseReport.to_pandas()``, one row per symmetry group (weights only, always):
+
+* ``group``: the group's label; ``kind``: its class (permutation, sign_flip, rescale, scale, bn_scale,
+  rotation); ``layer``: as above; ``units``: k, the units it acts on (neurons, channels, head dims);
+* ``dead``: units whose orbit representative u (``SymmetryGroup.canonical_units``: balanced incoming
+  and outgoing norms, signs fixed for sign-flip groups) is below the layer's floor,
+  ‖u‖ ≤ ``dead_tol``·max‖v‖ (default 1e-3);
+* ``distinct``: clusters of *living* units, single linkage with ‖u − v‖ ≤ ``duplicate_tol``·max(‖u‖, ‖v‖)
+  (default 5 %); dead units are never distinct, so ``units − dead − distinct`` living units duplicate
+  another. A permutation group is counted on the representatives of the scaling group over the same
+  units (so units that differ only by a rescaling or a sign count as duplicates);
+* ``distance``: to the nearest symmetric surface of the group, ``SymmetryGroup.distance(model)``;
 * ``eff_rank, approx_rank, srank, stable_rank, num_rank``: for rotation groups, of the invariant
-  product of the group's two factors (units.py: W_Qᵀ W_K per head, W_O W_V per head, U W for
-  linear→linear); NaN where they do not apply (other kinds, or a rotation group without exactly two
-  factors). ``dead``/``distinct`` are NaN for rotation groups: single units are not rotation-invariant.
+  product of the group's two factors (W_Qᵀ W_K per head, W_O W_V per head, U W for linear→linear);
+  NaN where they do not apply. ``dead``/``distinct`` are NaN for rotation groups.
 
-With probe ``data``: per probed layer, dead (never active) and dormant (active on < 1 % of inputs) units,
-the ReDO τ-dormant count and the representation's effective rank; neural collapse NC1–NC4 at the
-classifier's input; the embedding covariance spectrum; optional per-latent KL / active units from given
-encoder means and log-variances. See probe.py for the data forms and for train/eval mode handling.
+``DiagnoseReport.activations`` with probe ``data``, one row per probed module: ``layer`` (the group name
+above, or the module path when no group's units pass through it), ``module``, ``units``, ``rows`` (probe
+rows seen), ``dead`` (never above the layer's floor ``dead_tol``·max|h|), ``dormant`` (above it on < 1 %
+of rows), ``redo_dormant`` (ReDO τ-dormant), ``eff_rank`` (of the representation). Also neural collapse
+NC1–NC4 at the classifier's input, the embedding covariance spectrum, and optional per-latent KL /
+active units from given encoder means and log-variances. See probe.py for data forms and modes.
 """
 
 from __future__ import annotations
@@ -257,6 +264,7 @@ def _activation_table(stats: Mapping[str, probe.LayerStats], redo_tau: float) ->
         rows.append(
             {
                 "layer": name,
+                "module": name,
                 "units": int(frac.numel()),
                 "rows": st.rows,
                 "dead": int((frac == 0).sum()),
@@ -266,8 +274,25 @@ def _activation_table(stats: Mapping[str, probe.LayerStats], redo_tau: float) ->
             }
         )
     return pd.DataFrame(
-        rows, columns=["layer", "units", "rows", "dead", "dormant", "redo_dormant", "eff_rank"]
+        rows, columns=["layer", "module", "units", "rows", "dead", "dormant", "redo_dormant", "eff_rank"]
     )
+
+
+def _name_activations(acts: pd.DataFrame, model: nn.Module, groups: list[SymmetryGroup]) -> pd.DataFrame:
+    """Name each probed module like the permutation group whose units it outputs: a group of the same
+    size whose layers come before and after the module in the model's module order."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    perms = [g for g in groups if isinstance(g, Permutation)]
+    names = []
+    for module, units in zip(acts["module"], acts["units"], strict=True):
+        at = order.get(module.split("#")[0], -1)
+        match = next(
+            (g for g in perms if g.size == units
+             and min(order.get(lay, 1 << 30) for lay in g.layers) < at < max(order.get(lay, -1) for lay in g.layers)),
+            None,
+        )
+        names.append(layer_name(match) if match is not None else module)
+    return acts.assign(layer=names)
 
 
 def _nc_metrics(features: torch.Tensor, labels: torch.Tensor, clf: nn.Module) -> dict[str, float]:
@@ -476,7 +501,7 @@ def diagnose(
             max_samples=max_samples,
             dead_tol=dead_tol,
         )
-        rep.activations = res["activations"]
+        rep.activations = _name_activations(res["activations"], model, _groups_of(symmetries))
         rep.neural_collapse = res["neural_collapse"]
         rep.embedding_spectrum = res["embedding_spectrum"]
         rep.meta.update(rows=res["rows"], mode=mode, classifier=res["classifier"])

@@ -73,7 +73,7 @@ def test_units_gates_round_trip_with_shared_and_stacked_gates(tmp_path):
     assert g0 is back[0].parametrizations.bias[0].gate is back[2].parametrizations.weight[0].gate
     assert g0 is not back[2].parametrizations.weight[1].gate
     assert len(ms.constrain.dcs_parameters(back)) == len(ms.constrain.dcs_parameters(net))
-    # it trains on: the optimizer sees the same factors
+    # and it exports like the original: the zeroed gates drop two units
     small = ms.constrain.export(back, x).model
     assert small[0].out_features == 5
 
@@ -120,6 +120,8 @@ def test_constrained_refusals(tmp_path):
         ms.constrain.load_constrained(nn.Sequential(nn.Linear(5, 7)), path)
     with pytest.raises(ValueError, match="load_constrained"):
         ms.constrain.load_exported(path)
+    with pytest.warns(UserWarning, match="float64 tensors and the model torch.float32|cast"):
+        ms.constrain.load_constrained(lambda: _mlp().float(), path)
 
 
 # -------------------------------------------------------------------------------------------- exported

@@ -225,6 +225,13 @@ def load_constrained(model_factory_or_plain_model: nn.Module | Callable[[], nn.M
         raise ValueError(f"{path} holds an exported model (architecture included): use ms.constrain.load_exported")
     state = obj["state_dict"]
     constrain_like(model, obj["parametrizations"], state)
+    mine = model.state_dict()
+    cast = sorted({(str(state[k].dtype), str(mine[k].dtype)) for k in state
+                   if k in mine and state[k].is_floating_point() and state[k].dtype != mine[k].dtype})
+    if cast:
+        warnings.warn(f"load_constrained: the file holds {', '.join(a for a, _ in cast)} tensors and the model "
+                      f"{', '.join(b for _, b in cast)}; the values are cast (build the model in the saved dtype, "
+                      "e.g. model.double(), to keep them exactly)", UserWarning, stacklevel=2)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

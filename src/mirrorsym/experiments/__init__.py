@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .base import Claim, Context
+from .base import Claim, Context, finding
 
 # Order is the report's order.
 MODULES = [
@@ -20,6 +20,7 @@ MODULES = [
     "posterior",
     "dimensional",
     "neural_collapse",
+    "discriminating",
 ]
 
 
@@ -29,4 +30,4 @@ def registry() -> dict[str, ModuleType]:
     return {m.NAME: m for m in mods}
 
 
-__all__ = ["Claim", "Context", "MODULES", "registry"]
+__all__ = ["Claim", "Context", "MODULES", "finding", "registry"]

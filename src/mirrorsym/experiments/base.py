@@ -9,12 +9,22 @@ An experiment is a module with
 * ``run(cfg, ctx) -> dict``: does the work and returns JSON-serialisable results (lists, not tensors);
 * ``plot(results, ctx) -> list[Path]``: writes PNG figures into ``ctx.out_dir``;
 * ``claims(results, cfg) -> list[Claim]``: prediction vs measurement, each able to fail.
+
+Claims are of two kinds. A **check** is a mathematical or software identity (a closed form, an invariance,
+an exact threshold, a KKT condition, an exported model computing the same function): it must pass, and a
+failed check makes ``mirrorsym reproduce`` exit non-zero. A **finding** is an empirical statement of the
+paper or of its follow-ups (e.g. "weight decay makes channels identical"). Its ``verdict`` is
+"reproduced", "not reproduced" or "contradicted", decided by a ``rule`` fixed in the code before the run
+from one statistic per seed (``seeds`` values, their ``mean`` and 95 % t-interval ``ci95``; with one seed
+there is no interval and ``ci95`` is None). A finding never makes the command fail: a finding that does
+not reproduce is reported as such. Build findings with :func:`finding`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +32,124 @@ from typing import Any
 
 import torch
 
+KINDS = ("check", "finding")
+VERDICTS = ("reproduced", "not reproduced", "contradicted")
+
 
 @dataclass
 class Claim:
-    """One checkable statement: what the theory predicts, what was measured, and whether they agree."""
+    """One statement: what is predicted, what was measured, and how they compare.
+
+    ``kind="check"`` (the default, so ``Claim(text, predicted, measured, passed)`` is a check): ``passed``
+    is a bool and a False fails the reproduction. ``kind="finding"``: ``passed`` is None and ``verdict``,
+    ``rule``, ``seeds``, ``mean`` and ``ci95`` say what was found (see :func:`finding`)."""
 
     claim: str
     predicted: Any
     measured: Any
-    passed: bool
+    passed: bool | None = None
+    kind: str = "check"
+    verdict: str | None = None
+    rule: str | None = None
+    seeds: int | None = None
+    mean: float | None = None
+    ci95: list[float] | None = None
 
     def __post_init__(self):
-        self.passed = bool(self.passed)
+        if self.kind not in KINDS:
+            raise ValueError(f"Claim kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "check":
+            if self.passed is None:
+                raise ValueError(f"a check needs passed=True/False: {self.claim!r}")
+            if self.verdict is not None:
+                raise ValueError(f"a check has no verdict (only findings do): {self.claim!r}")
+            self.passed = bool(self.passed)
+        else:
+            if self.passed is not None:
+                raise ValueError(f"a finding has a verdict, not passed: {self.claim!r}")
+            if self.verdict not in VERDICTS:
+                raise ValueError(f"a finding's verdict must be one of {VERDICTS}, got {self.verdict!r}")
+            if not self.rule:
+                raise ValueError(f"a finding needs the text of its decision rule: {self.claim!r}")
+            if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+                raise ValueError(f"a finding needs seeds >= 1 (the runs it rests on), got {self.seeds!r}")
+            if self.ci95 is not None and self.seeds < 2:
+                raise ValueError("a 95 % interval needs at least two seeds")
         self.predicted = to_jsonable(self.predicted)
         self.measured = to_jsonable(self.measured)
+        self.mean = to_jsonable(self.mean)
+        self.ci95 = to_jsonable(self.ci95)
+
+    @property
+    def failed(self) -> bool:
+        """A failed check (findings never fail)."""
+        return self.kind == "check" and not self.passed
+
+    def to_dict(self) -> dict:
+        return {"claim": self.claim, "kind": self.kind, "predicted": self.predicted, "measured": self.measured,
+                "passed": self.passed, "verdict": self.verdict, "rule": self.rule, "seeds": self.seeds,
+                "mean": self.mean, "ci95": self.ci95}
+
+
+def t_interval(values) -> tuple[float | None, list[float] | None]:
+    """(mean, 95 % t-interval [lo, hi]) of the finite values; the interval is None below two values,
+    the mean None without any."""
+    from scipy import stats
+
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None, None
+    n, mean = len(v), sum(v) / len(v)
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean, [mean - half, mean + half]
+
+
+def finding(claim: str, predicted: Any, measured: Any, values, *, statistic: str, better: str,
+            threshold: float, contradict: float | None | str = "threshold", inclusive: bool = False) -> Claim:
+    """A finding decided by a threshold rule on one statistic e per seed (``values``; None for a seed
+    that produced no usable value, e.g. a diverged run).
+
+    ``better="higher"``: **reproduced** iff the 95 % t-interval of mean e lies entirely above
+    ``threshold`` (one seed: iff e > threshold); **contradicted** iff it lies entirely below
+    ``contradict`` (one seed: iff e < contradict); otherwise **not reproduced**. ``better="lower"``
+    mirrors every inequality; ``inclusive=True`` reproduces also at the threshold (≥ / ≤, e.g. "at least
+    3 dimensions"). ``contradict`` defaults to ``threshold``; None: never contradicted. Set it to the
+    no-effect value when the claim is an effect of a stated size: between the two the effect is not
+    reproduced, beyond no-effect it is contradicted. The rule text is stored with the claim; it depends
+    only on these arguments, never on the data."""
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+    if contradict == "threshold":
+        contradict = threshold
+    values = list(values)
+    if not values:
+        raise ValueError("a finding needs at least one seed's value")
+    up = better == "higher"
+    side, other = ("above", "below") if up else ("below", "above")
+    gt, lt = (">", "<") if up else ("<", ">")
+    if inclusive:
+        side, gt = f"at or {side}", {">": "≥", "<": "≤"}[gt]
+    rule = (f"e = {statistic}, one value per seed. Reproduced iff the 95 % t-interval of the mean of e lies "
+            f"entirely {side} {threshold:g} (one seed, no interval: iff e {gt} {threshold:g})")
+    rule += ("; never contradicted" if contradict is None else
+             f"; contradicted iff it lies entirely {other} {contradict:g} (one seed: iff e {lt} {contradict:g})")
+    rule += "; otherwise not reproduced."
+    mean, ci = t_interval(values)
+    verdict = "not reproduced"
+    if mean is not None:
+        lo, hi = ci if ci is not None else (mean, mean)
+        sign = 1.0 if up else -1.0
+        worst, best = (lo, hi) if up else (hi, lo)
+        margin = sign * (worst - threshold)
+        if margin > 0 or (inclusive and margin == 0):
+            verdict = "reproduced"
+        elif contradict is not None and sign * (best - contradict) < 0:
+            verdict = "contradicted"
+    return Claim(claim, predicted, measured, None, kind="finding", verdict=verdict, rule=rule,
+                 seeds=len(values), mean=mean, ci95=ci)
 
 
 @dataclass

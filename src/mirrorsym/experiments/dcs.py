@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..constrain.units import merged_members
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .data import digit_images
 from .plotting import figure, save
 
@@ -366,13 +366,18 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
         Claim("per direction: exact zeros of Oᵀθ match the convex solution of L + γ‖(I−P)θ‖² + 2γ‖Oᵀθ‖₁",
               zeros_ref, zeros_got, zeros_ref == zeros_got),
         Claim("trained Oᵀθ = convex reference", f"max |Δs| ≤ {cfg.ref_tol:g}", err, err <= cfg.ref_tol),
-        Claim("exported CNN has the same outputs as the constrained one", f"rel. error ≤ {cfg.export_rtol:g}",
+        Claim("software identity (export verifies it and raises otherwise): the exported CNN has the same "
+              "outputs as the constrained one", f"rel. error ≤ {cfg.export_rtol:g}",
               cnn["export_rel_error"], cnn["export_rel_error"] <= cfg.export_rtol),
-        Claim("exported CNN has the same test accuracy", cnn["acc_dcs"], cnn["acc_exported"],
-              cnn["acc_exported"] == cnn["acc_dcs"]),
-        Claim("exported CNN is physically smaller", f"≤ {cfg.max_param_ratio} × {cnn['params_before']}",
-              cnn["params_after"], cnn["params_after"] <= cfg.max_param_ratio * cnn["params_before"]),
-        Claim("DCS accuracy close to the dense baseline", f"≥ {cnn['acc_dense']:.3f} − {cfg.max_accuracy_drop}",
-              cnn["acc_dcs"], cnn["acc_dcs"] >= cnn["acc_dense"] - cfg.max_accuracy_drop),
+        Claim("software identity (same outputs ⇒ same predictions): the exported CNN has the same test accuracy",
+              cnn["acc_dcs"], cnn["acc_exported"], cnn["acc_exported"] == cnn["acc_dcs"]),
+        finding("exported CNN is physically smaller", f"≤ {cfg.max_param_ratio} × {cnn['params_before']}",
+                cnn["params_after"], [cnn["params_after"] / cnn["params_before"]],
+                statistic="parameters after export / before", better="lower", threshold=cfg.max_param_ratio,
+                inclusive=True, contradict=None),
+        finding("DCS accuracy close to the dense baseline", f"≥ {cnn['acc_dense']:.3f} − {cfg.max_accuracy_drop}",
+                cnn["acc_dcs"], [cnn["acc_dcs"] - cnn["acc_dense"]],
+                statistic="test accuracy, DCS − dense baseline", better="higher",
+                threshold=-cfg.max_accuracy_drop, inclusive=True),
     ]
     return out

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..constrain.remove import remove_symmetries
 from ..diagnose.metrics import effective_rank, embedding_spectrum
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .data import digits
 from .plotting import figure, save
 
@@ -155,11 +155,16 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     v = results["variants"]
     p, s, n = v["projector"]["collapsed"], v["syre"]["collapsed"], v["no_projector"]["collapsed"]
     return [
-        Claim(f"linear projector + decay: the representation collapses (≥ {cfg.margin} of {cfg.rep_dim} "
-              f"eigenvalues ≤ {cfg.zero_tol:g} × largest)", f"≥ {cfg.margin}", p, p >= cfg.margin),
-        Claim("removing the rotation symmetry (syre) prevents it: collapsed dimensions, syre vs projector",
-              f"syre ≤ projector − {cfg.margin}", {"syre": s, "projector": p}, s <= p - cfg.margin),
-        Claim("without a projector (no product, no nuclear-norm penalty): fewer collapsed dimensions",
-              f"no_projector ≤ projector − {cfg.margin}", {"no_projector": n, "projector": p},
-              n <= p - cfg.margin),
+        finding(f"linear projector + decay: the representation collapses (≥ {cfg.margin} of {cfg.rep_dim} "
+                f"eigenvalues ≤ {cfg.zero_tol:g} × largest)", f"≥ {cfg.margin}", p, [p],
+                statistic="collapsed dimensions with a linear projector", better="higher", threshold=cfg.margin,
+                inclusive=True, contradict=0.5),
+        finding("removing the rotation symmetry (syre) prevents it: collapsed dimensions, syre vs projector",
+                f"syre ≤ projector − {cfg.margin}", {"syre": s, "projector": p}, [p - s],
+                statistic="collapsed dimensions, projector − syre", better="higher", threshold=cfg.margin,
+                inclusive=True, contradict=0.0),
+        finding("without a projector (no product, no nuclear-norm penalty): fewer collapsed dimensions",
+                f"no_projector ≤ projector − {cfg.margin}", {"no_projector": n, "projector": p}, [p - n],
+                statistic="collapsed dimensions, projector − no projector", better="higher",
+                threshold=cfg.margin, inclusive=True, contradict=0.0),
     ]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .plotting import figure, save
 
 NAME = "lowrank"
@@ -197,15 +197,20 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     full_rank = _rank(full["svals"][-1], cfg.rank_tol)
     stable = [r for r in (_rank(s, cfg.rank_tol) for s in noisy["svals"]) if r is not None]
     noisy_rank = stable[-1] if stable else None
-    out.append(Claim(f"SGD batch {noisy['batch']} at its largest stable lr has lower rank than full-batch GD "
-                     f"(same γ={cfg.sgd_gamma}, lr={cfg.sgd_lrs[-1]})", f"< {full_rank}", noisy_rank,
-                     noisy_rank is not None and noisy_rank < full_rank))
+    out.append(finding(f"SGD batch {noisy['batch']} at its largest stable lr has lower rank than full-batch GD "
+                       f"(same γ={cfg.sgd_gamma}, lr={cfg.sgd_lrs[-1]})", f"< {full_rank}", noisy_rank,
+                       [None if noisy_rank is None or full_rank is None else full_rank - noisy_rank],
+                       statistic="rank of full-batch GD − rank of the noisiest SGD at its largest stable lr",
+                       better="higher", threshold=0.0))
     m = len(results["sgd_spectrum"])
     res_rank = _rank(results["residual_svals"], cfg.rank_tol)
     plain_rank = _rank(results["plain_svals"], cfg.rank_tol)
-    out.append(Claim(f"residual path U(Wx + x) stays full rank where plain UW drops rank (γ={cfg.control_gamma})",
-                     f"residual {m}, plain < {m}", f"residual {res_rank}, plain {plain_rank}",
-                     res_rank == m and plain_rank < m))
+    out.append(finding(f"residual path U(Wx + x) keeps a higher rank than plain UW at the same "
+                       f"γ={cfg.control_gamma} (no rotation symmetry, no collapse)",
+                       f"residual {m}, plain < {m}", f"residual {res_rank}, plain {plain_rank}",
+                       [None if res_rank is None or plain_rank is None else res_rank - plain_rank],
+                       statistic="rank of U(Wx + x) − rank of UW, same γ and training",
+                       better="higher", threshold=0.0))
     det = results["rotations_detected"]
     out.append(Claim("ms.find_symmetries reports the rotation of U(Wx) and none for U(Wx + x)",
                      "plain 1, residual 0", f"plain {det['plain']}, residual {det['residual']}",

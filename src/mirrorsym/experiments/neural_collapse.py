@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diagnose.metrics import neural_collapse
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .data import digits
 from .plotting import figure, save
 
@@ -161,23 +161,31 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     out = []
     for kind, rows in results["losses"].items():
         accs = [r["train_acc"] for r in rows]
-        out.append(Claim(f"{kind}: every weight decay reaches zero training error (the terminal phase)",
-                         "train accuracy = 1", accs, min(accs) == 1.0))
+        out.append(finding(f"{kind}: every weight decay reaches zero training error (the terminal phase; a "
+                           "precondition of the findings here)", "train accuracy = 1", accs, [min(accs)],
+                           statistic="lowest training accuracy over the decays", better="higher", threshold=1.0,
+                           inclusive=True, contradict=None))
         nc4 = max(r["nc4"] for r in rows)
-        out.append(Claim(f"{kind}: NC4, classifier = nearest class mean, at every decay", "≤ 0.01", nc4,
-                         nc4 <= 0.01))
+        out.append(finding(f"{kind}: NC4, classifier = nearest class mean, at every decay", "≤ 0.01", nc4, [nc4],
+                           statistic="largest NC4 over the decays", better="lower", threshold=0.01,
+                           inclusive=True))
     rows = results["losses"].get("mse")
     if rows is None:
         return out
     first, last = rows[0], rows[-1]
     for m in ("nc3", "nc2_equiangular"):
         seq = [r[m] for r in rows]
-        out.append(Claim(f"mse: {m} falls monotonically with weight decay", "strictly decreasing", seq,
-                         all(b < a for a, b in zip(seq, seq[1:], strict=False))))
-    out.append(Claim(f"mse: NC3 at the largest decay × {cfg.nc3_factor:g} < NC3 without decay",
-                     f"< {first['nc3'] / cfg.nc3_factor:.3g}", last["nc3"],
-                     last["nc3"] * cfg.nc3_factor < first["nc3"]))
+        out.append(finding(f"mse: {m} falls monotonically with weight decay", "strictly decreasing", seq,
+                           [max(b - a for a, b in zip(seq, seq[1:], strict=False))],
+                           statistic=f"largest change of {m} from one decay to the next", better="lower",
+                           threshold=0.0))
+    out.append(finding(f"mse: NC3 at the largest decay × {cfg.nc3_factor:g} < NC3 without decay",
+                       f"< {first['nc3'] / cfg.nc3_factor:.3g}", last["nc3"],
+                       [first["nc3"] / last["nc3"] if last["nc3"] > 0 else None],
+                       statistic="NC3 without decay / NC3 at the largest decay", better="higher",
+                       threshold=cfg.nc3_factor, contradict=1.0))
     best = min(r["nc1"] for r in rows[1:])
-    out.append(Claim("mse: some decay > 0 sharpens NC1 (min over λ > 0 < NC1 at λ = 0; not monotone: it "
-                     "rises again at the largest decay)", f"< {first['nc1']:.3g}", best, best < first["nc1"]))
+    out.append(finding("mse: some decay > 0 sharpens NC1 (min over λ > 0 < NC1 at λ = 0; not monotone: it "
+                       "rises again at the largest decay)", f"< {first['nc1']:.3g}", best, [best - first["nc1"]],
+                       statistic="smallest NC1 over λ > 0 − NC1 at λ = 0", better="lower", threshold=0.0))
     return out

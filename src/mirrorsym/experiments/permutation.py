@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .data import cifar10, digit_images, has_cifar10
 from .plotting import figure, save
 
@@ -291,17 +291,24 @@ def aligned_pairs(results: dict, method: str, threshold: float = 0.9) -> float:
 def claims(results: dict, cfg: Config) -> list[Claim]:
     plain, decay, syre = (collapsed(results, m) for m in METHODS)
     a_plain, a_decay, a_syre = (aligned_pairs(results, m) for m in METHODS)
+    acc_decay, acc_syre = results["decay"]["accuracy"], results["decay+syre"]["accuracy"]
     out = [
-        Claim("weight decay makes block-structured correlations: more channel pairs with correlation > 0.9 "
-              "than without decay and than with symmetries removed",
-              f"> max({a_plain:.3f}, {a_syre:.3f})", a_decay, a_decay > max(a_plain, a_syre)),
-        Claim("without weight decay no channel is dead or duplicated", 0, plain, plain == 0),
-        Claim(f"weight decay (torch λ={cfg.weight_decay}) puts channels on symmetric surfaces (dead/duplicated)",
-              "> 0", decay, decay > 0),
-        Claim("the same decay with symmetries removed leaves no channel dead or duplicated", 0, syre, syre == 0),
-        Claim("symmetry removal costs no training accuracy (within 2 points of plain decay)",
-              f"≥ {results['decay']['accuracy'] - 0.02:.3f}", results["decay+syre"]["accuracy"],
-              results["decay+syre"]["accuracy"] >= results["decay"]["accuracy"] - 0.02),
+        finding("weight decay makes block-structured correlations: more channel pairs with correlation > 0.9 "
+                "than without decay and than with symmetries removed",
+                f"> max({a_plain:.3f}, {a_syre:.3f})", a_decay, [a_decay - max(a_plain, a_syre)],
+                statistic="fraction of pairs > 0.9 with decay − the larger of no decay and decay+syre",
+                better="higher", threshold=0.0),
+        finding("without weight decay no channel is dead or duplicated", 0, plain, [plain],
+                statistic="dead + duplicated channels without decay", better="lower", threshold=0.5),
+        finding(f"weight decay (torch λ={cfg.weight_decay}) puts channels on symmetric surfaces (dead/duplicated)",
+                "> 0", decay, [decay], statistic="dead + duplicated channels with decay", better="higher",
+                threshold=0.5),
+        finding("the same decay with symmetries removed leaves no channel dead or duplicated", 0, syre, [syre],
+                statistic="dead + duplicated channels with decay+syre", better="lower", threshold=0.5),
+        finding("symmetry removal costs no training accuracy (within 2 points of plain decay)",
+                f"≥ {acc_decay - 0.02:.3f}", acc_syre, [acc_syre - acc_decay],
+                statistic="training accuracy, decay+syre − decay", better="higher", threshold=-0.02,
+                inclusive=True),
     ]
     if "resnet18" in results:
         out += resnet_claims(results["resnet18"])
@@ -311,8 +318,10 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
 def resnet_claims(res: dict) -> list[Claim]:
     plain, decay, syre = (collapsed(res, m) for m in METHODS)
     return [
-        Claim("ResNet-18 on CIFAR-10: weight decay puts more channels on symmetric surfaces (dead/duplicated) "
-              "than no decay", f"> {plain}", decay, decay > plain),
-        Claim("ResNet-18 on CIFAR-10: the same decay with symmetries removed puts fewer channels there",
-              f"< {decay}", syre, syre < decay),
+        finding("ResNet-18 on CIFAR-10: weight decay puts more channels on symmetric surfaces (dead/duplicated) "
+                "than no decay", f"> {plain}", decay, [decay - plain],
+                statistic="dead + duplicated channels, decay − no decay", better="higher", threshold=0.0),
+        finding("ResNet-18 on CIFAR-10: the same decay with symmetries removed puts fewer channels there",
+                f"< {decay}", syre, [decay - syre],
+                statistic="dead + duplicated channels, decay − decay+syre", better="higher", threshold=0.0),
     ]

@@ -55,7 +55,7 @@ from torch import nn
 
 from ..constrain.remove import l2_init, remove_symmetries, shrink_and_perturb
 from ..diagnose.monitor import SymmetryMonitor
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .continual import MLP, ContinualBackprop, structure_metrics
 from .data import digits, has_mnist, mnist
 from .plotting import figure, save
@@ -287,30 +287,39 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
         last_plain, last_syre = float(plain[-n:].mean()), float(syre[-n:].mean())
         if s == "random_labels":
             peak = float(plain.max())
-            out.append(Claim(f"{s}: plain SGD loses plasticity: best task − mean of last {n} tasks",
-                             f"> {cfg.acc_margin}", {"best": peak, "last": last_plain},
-                             peak - last_plain > cfg.acc_margin))
-            out.append(Claim(f"{s}: syre keeps plasticity: mean accuracy over the last {n} tasks, syre − plain",
-                             f"> {cfg.acc_margin}", {"syre": last_syre, "plain": last_plain},
-                             last_syre - last_plain > cfg.acc_margin))
+            out.append(finding(f"{s}: plain SGD loses plasticity: best task − mean of last {n} tasks",
+                               f"> {cfg.acc_margin}", {"best": peak, "last": last_plain}, [peak - last_plain],
+                               statistic=f"plain SGD: best task accuracy − mean over the last {n} tasks",
+                               better="higher", threshold=cfg.acc_margin, contradict=0.0))
+            out.append(finding(f"{s}: syre keeps plasticity: mean accuracy over the last {n} tasks, syre − plain",
+                               f"> {cfg.acc_margin}", {"syre": last_syre, "plain": last_plain},
+                               [last_syre - last_plain],
+                               statistic=f"mean accuracy over the last {n} tasks, syre − plain",
+                               better="higher", threshold=cfg.acc_margin, contradict=0.0))
         else:  # no plasticity loss at this size: the claim is that removing symmetries costs nothing
             half = len(plain) // 2
             mp, ms_ = float(plain[half:].mean()), float(syre[half:].mean())
-            out.append(Claim(f"{s}: syre costs no accuracy: mean online accuracy over the second half of the "
-                             "tasks, syre ≥ plain − 0.03", "syre ≥ plain − 0.03", {"syre": ms_, "plain": mp},
-                             ms_ >= mp - 0.03))
+            out.append(finding(f"{s}: syre costs no accuracy: mean online accuracy over the second half of the "
+                               "tasks, syre ≥ plain − 0.03", "syre ≥ plain − 0.03", {"syre": ms_, "plain": mp},
+                               [ms_ - mp], statistic="mean online accuracy over the second half, syre − plain",
+                               better="higher", threshold=-0.03, inclusive=True))
         metrics = [("dead", "dead units", 1), ("weight_norm", "weight norm", 1)]
         if s == "random_labels":
             metrics.append(("eff_rank", "feature effective rank", -1))
         for metric, word, sign in metrics:
             p_, s_ = float(np.mean(r["plain"][metric][-n:])), float(np.mean(r["syre"][metric][-n:]))
             order = "plain > syre" if sign > 0 else "syre > plain"
-            out.append(Claim(f"{s}: {word}, mean over the last {n} tasks, {order}", order,
-                             {"plain": p_, "syre": s_}, sign * (p_ - s_) > 0))
+            out.append(finding(f"{s}: {word}, mean over the last {n} tasks, {order}", order,
+                               {"plain": p_, "syre": s_}, [sign * (p_ - s_)],
+                               statistic=f"{word}, mean over the last {n} tasks, "
+                                         + ("plain − syre" if sign > 0 else "syre − plain"),
+                               better="higher", threshold=0.0))
         if s == "random_labels" and "l2" in r:
             d_l2, d_syre = r["l2"]["perm_distance"][-1], r["syre"]["perm_distance"][-1]
-            out.append(Claim(f"{s}: decay towards 0 (L2) keeps the permutation mirrors and pulls the closest pair "
-                             "of units onto a permutation surface; decay towards θ₀ (syre) does not: distance "
-                             "after the last task, L2 < 0.1 × syre", "L2 < 0.1 × syre",
-                             {"l2": d_l2, "syre": d_syre}, d_l2 < 0.1 * d_syre))
+            out.append(finding(f"{s}: decay towards 0 (L2) keeps the permutation mirrors and pulls the closest "
+                               "pair of units onto a permutation surface; decay towards θ₀ (syre) does not: "
+                               "distance after the last task, L2 < 0.1 × syre", "L2 < 0.1 × syre",
+                               {"l2": d_l2, "syre": d_syre}, [d_l2 / d_syre if d_syre > 0 else None],
+                               statistic="closest-pair permutation distance after the last task, L2 / syre",
+                               better="lower", threshold=0.1, contradict=1.0))
     return out

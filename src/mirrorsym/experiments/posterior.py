@@ -42,7 +42,7 @@ from torch import nn
 
 from ..constrain.remove import remove_symmetries
 from ..diagnose.metrics import ACTIVE_LATENT_THRESHOLD, active_latents, gaussian_kl_per_latent
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .plotting import figure, save
 
 NAME = "posterior"
@@ -248,6 +248,8 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
         Claim("started on the collapsed surface, plain training and L2 stay collapsed (Theorem 1)",
               {"plain": 0, "l2": 0}, {"plain": surf["plain"]["active"], "l2": surf["l2"]["active"]},
               surf["plain"]["active"] == 0 and surf["l2"]["active"] == 0),
-        Claim("started on the collapsed surface, syre recovers the predicted active latents", sp,
-              surf["syre"]["active"], surf["syre"]["active"] == sp),
+        finding("started on the collapsed surface, syre recovers the predicted active latents", sp,
+                surf["syre"]["active"], [abs(surf["syre"]["active"] - sp)],
+                statistic="|active latents after syre − predicted active latents|", better="lower",
+                threshold=0.5, contradict=max(sp - 0.5, 0.5)),
     ]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..theory import torch_weight_decay
-from .base import Claim, Context
+from .base import Claim, Context, finding
 from .plotting import figure, save
 
 NAME = "transformer"
@@ -238,17 +238,23 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     low, high = _mean_rank(decay[0]), _mean_rank(decay[-1])
     g_lo, g_hi = results["gammas"][0], results["gammas"][-1]
     out = [
-        Claim(f"mean per-head eff. rank of W_Q W_Kᵀ at γ={g_hi:g} ≤ {cfg.rank_margin} × that at γ={g_lo:g}",
-              f"≤ {cfg.rank_margin * low:.2f}", round(high, 3), high <= cfg.rank_margin * low),
-        Claim(f"the task is solved at γ={g_lo:g} (test accuracy)", f"≥ {cfg.min_accuracy}",
-              decay[0]["accuracy"], decay[0]["accuracy"] >= cfg.min_accuracy),
+        finding(f"mean per-head eff. rank of W_Q W_Kᵀ at γ={g_hi:g} ≤ {cfg.rank_margin} × that at γ={g_lo:g}",
+                f"≤ {cfg.rank_margin * low:.2f}", round(high, 3), [high / low],
+                statistic=f"mean per-head effective rank at γ={g_hi:g} / at γ={g_lo:g}", better="lower",
+                threshold=cfg.rank_margin, contradict=1.0, inclusive=True),
+        finding(f"the task is solved at γ={g_lo:g} (test accuracy; a precondition of the findings here)",
+                f"≥ {cfg.min_accuracy}", decay[0]["accuracy"], [decay[0]["accuracy"]],
+                statistic=f"test accuracy at γ={g_lo:g}", better="higher", threshold=cfg.min_accuracy,
+                inclusive=True, contradict=None),
     ]
     by_gamma = dict(zip(results["gammas"], decay, strict=True))
     for g, ctrl in zip(results["control_gammas"], results["control"], strict=True):
         if g in by_gamma:
             plain, syre = _mean_rank(by_gamma[g]), _mean_rank(ctrl)
-            out.append(Claim(f"symmetry removal (σ₀={cfg.syre_sigma}) keeps a higher mean eff. rank at the same "
-                             f"γ={g:g}", f"> {plain:.2f} (plain decay)", round(syre, 3), syre > plain))
+            out.append(finding(f"symmetry removal (σ₀={cfg.syre_sigma}) keeps a higher mean eff. rank at the same "
+                               f"γ={g:g}", f"> {plain:.2f} (plain decay)", round(syre, 3), [syre - plain],
+                               statistic=f"mean per-head effective rank at γ={g:g}, syre − plain decay",
+                               better="higher", threshold=0.0))
     det = results["detected"]
     heads, d_head = cfg.heads, cfg.d_model // cfg.heads
     expected_rows = sorted(tuple(range(h * d_head, (h + 1) * d_head)) for h in range(heads))

@@ -14,7 +14,11 @@ stores, figures) before rerunning it, so nothing from an older configuration sur
 A damaged ``results.json`` (truncated, not JSON, checksum mismatch) is reported by name, moved aside to
 ``results.json.corrupt`` and the experiment recomputed; it is not an experiment failure. Every JSON file
 is written atomically and durably (:func:`mirrorsym.core.io.atomic_write`). An experiment that raises is
-recorded as a failed claim and the others still run.
+recorded as a failed check and the others still run.
+
+Claims are checks (identities that must hold) or findings (empirical statements with a verdict, see
+:mod:`mirrorsym.experiments.base`). The exit code is 0 iff every check passed; a finding that is not
+reproduced or is contradicted is reported, never a failure.
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
                      device: str = "auto", backend: str = "local", address: str | None = None,
                      fresh: bool = False, console: Console | None = None,
                      data_dir: Path | str | None = None) -> int:
-    """Run the named experiments (all by default) and write the report; returns 0 iff every claim passed.
+    """Run the named experiments (all by default) and write the report; returns 0 iff every check passed
+    (findings carry a verdict and never fail the run).
     ``data_dir``: a folder with CIFAR-10 and/or MNIST in torchvision's layout, used by the full size.
     ``fresh``: remove each chosen experiment's ``out/<name>/`` (results, sweep stores, figures) first."""
     if size not in SIZES:
@@ -196,14 +201,13 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
             sec.update(name=name, title=module.TITLE, doc=(module.__doc__ or "").strip())
             sections.append(sec)
             for c in sec["claims"]:
-                all_claims.append({"experiment": name, "claim": c.claim, "predicted": c.predicted,
-                                   "measured": c.measured, "passed": c.passed, "seconds": sec["seconds"]})
+                all_claims.append({"experiment": name, **c.to_dict(), "seconds": sec["seconds"]})
             progress.advance(overall)
     _write_json(out / "claims.json", all_claims)
     meta = run_metadata(size, dev, backend)
     write_report(out, sections, all_claims, meta)
     _print_summary(console, all_claims, out)
-    return 0 if all(c["passed"] for c in all_claims) else 1
+    return 0 if all(c["passed"] for c in all_claims if c["kind"] == "check") else 1
 
 
 def run_metadata(size: str, device: torch.device, backend: str) -> dict:
@@ -230,12 +234,28 @@ def run_metadata(size: str, device: torch.device, backend: str) -> dict:
     }
 
 
+VERDICT_STYLE = {"reproduced": "[green]reproduced[/]", "not reproduced": "[yellow]not reproduced[/]",
+                 "contradicted": "[red]contradicted[/]"}
+
+
 def _print_summary(console: Console, claims: list[dict], out: Path) -> None:
-    table = Table(title="mirrorsym reproduction", show_lines=False)
-    for col in ("experiment", "claim", "passed"):
+    findings = [c for c in claims if c["kind"] == "finding"]
+    checks = [c for c in claims if c["kind"] == "check"]
+    if findings:
+        table = Table(title="findings (empirical; a verdict, never a failure)", show_lines=False)
+        for col in ("experiment", "finding", "verdict", "seeds"):
+            table.add_column(col)
+        for c in findings:
+            table.add_row(c["experiment"], c["claim"], VERDICT_STYLE[c["verdict"]], str(c["seeds"]))
+        console.print(table)
+    table = Table(title="checks (identities; each must pass)", show_lines=False)
+    for col in ("experiment", "check", "passed"):
         table.add_column(col)
-    for c in claims:
+    for c in checks:
         table.add_row(c["experiment"], c["claim"], "[green]yes[/]" if c["passed"] else "[red]NO[/]")
     console.print(table)
-    n_ok = sum(c["passed"] for c in claims)
-    console.print(f"{n_ok}/{len(claims)} claims passed. Report: {out / 'report.html'} (also report.md, claims.json)")
+    n_ok = sum(c["passed"] for c in checks)
+    counts = ", ".join(f"{sum(c['verdict'] == v for c in findings)} {v}" for v in VERDICT_STYLE)
+    console.print(f"{n_ok}/{len(checks)} checks passed; {len(findings)} finding{'' if len(findings) == 1 else 's'}: "
+                  f"{counts}. "
+                  f"Report: {out / 'report.html'} (also report.md, claims.json)")

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .summary import unit_rows  # noqa: E402
+from .summary import covered, unit_rows  # noqa: E402
 
 MAX_SPECTRA = 12
 #: spectra are clipped below this fraction of their largest value
@@ -188,38 +188,12 @@ def spectra_figure(rep):
     return fig
 
 
-def _layer_set(layer: str) -> tuple[frozenset, bool]:
-    """The layer names of a table ``layer`` entry, and whether the list is complete (report.layer_name
-    writes ``first (+n)`` for more than three layers)."""
-    if " (+" in layer:
-        return frozenset([layer.split(" (+")[0]]), False
-    return frozenset(layer.split(",")), True
-
-
-def covered(layer: str, units: int, by_layer: str, by_units: int) -> bool:
-    """Whether a group over ``layer`` (``units`` units) acts on the units of a permutation group over
-    ``by_layer``: the same number of units and layers among the permutation's layers (a layer's rescale,
-    sign-flip, scale and BatchNorm-scale groups act on a subset of the tensors its permutation moves)."""
-    if units != by_units:
-        return False
-    mine, full = _layer_set(layer)
-    theirs, theirs_full = _layer_set(by_layer)
-    return mine <= theirs if full and theirs_full else bool(mine & theirs)
-
-
 def unit_bars(rep) -> pd.DataFrame:
     """One row per set of units: ``layer, units, dead, duplicated, distinct`` (dead + duplicated +
     distinct = units), the data of :func:`dead_distinct_figure`. Permutation groups define the units;
     a diagonal group (rescale, sign flip, scale, BatchNorm scale) over the same units (:func:`covered`)
     adds no bar, one over units no permutation moves adds its own."""
     rows = unit_rows(rep.groups)
-    perms = rows[rows["kind"] == "permutation"]
-    keep = [
-        r.kind == "permutation"
-        or not any(covered(str(r.layer), int(r.units), str(p.layer), int(p.units)) for p in perms.itertuples())
-        for r in rows.itertuples()
-    ]
-    rows = rows[np.asarray(keep, dtype=bool)]  # (a plain empty list would select columns)
     out = pd.DataFrame(
         {
             "layer": rows["layer"].astype(str).to_numpy(),

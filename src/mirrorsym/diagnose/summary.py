@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 
+def _layer_set(layer: str) -> tuple[frozenset, bool]:
+    """The layer names of a table ``layer`` entry, and whether the list is complete (report.layer_name
+    writes ``first (+n)`` for more than three layers)."""
+    if " (+" in layer:
+        return frozenset([layer.split(" (+")[0]]), False
+    return frozenset(layer.split(",")), True
+
+
+def covered(layer: str, units: int, by_layer: str, by_units: int) -> bool:
+    """Whether a group over ``layer`` (``units`` units) acts on the units of a permutation group over
+    ``by_layer``: the same number of units and layers among the permutation's layers (a layer's rescale,
+    sign-flip, scale and BatchNorm-scale groups act on a subset of the tensors its permutation moves)."""
+    if units != by_units:
+        return False
+    mine, full = _layer_set(layer)
+    theirs, theirs_full = _layer_set(by_layer)
+    return mine <= theirs if full and theirs_full else bool(mine & theirs)
+
+
 def unit_rows(groups: pd.DataFrame) -> pd.DataFrame:
-    """Non-rotation rows, one per (layer, units) so a layer with several kinds of group counts once."""
+    """One row per set of units, so that units are counted once: the permutation groups, and the
+    non-rotation groups over units that no permutation moves (a layer's rescale, sign-flip, scale and
+    BatchNorm-scale groups act on its permutation's units: :func:`covered`)."""
     rows = groups[groups["kind"] != "rotation"].dropna(subset=["dead", "distinct"])
-    return rows.drop_duplicates(subset=["layer", "units"])
+    rows = rows.drop_duplicates(subset=["layer", "units"])
+    perms = rows[rows["kind"] == "permutation"]
+    keep = [
+        r.kind == "permutation"
+        or not any(covered(str(r.layer), int(r.units), str(p.layer), int(p.units)) for p in perms.itertuples())
+        for r in rows.itertuples()
+    ]
+    return rows[np.asarray(keep, dtype=bool)]  # (a plain empty list would select columns)
 
 
 def _pct(a: float, b: float) -> str:

@@ -215,3 +215,16 @@ def test_linear_linear_product_rank_through_the_detector():
     assert len(rot) == 1 and rot["units"].iloc[0] == 5 and rot["num_rank"].iloc[0] == 2
     P = (net[1].weight @ net[0].weight).detach()
     assert rot["stable_rank"].iloc[0] == pytest.approx(ms.diagnose.metrics.stable_rank(P).item(), rel=1e-9)
+
+
+def test_summary_counts_each_set_of_units_once():
+    """A conv channel is moved by a permutation, a rescale and a BatchNorm-scale group over different
+    layer lists: the summary counts its 4 channels once, not 12."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[1], m[0].bias[1], m[1].weight[1], m[1].bias[1] = 0, 0, 0, 0
+        m[4].weight[:, 16:32] = 0
+    rep = ms.diagnose(m, torch.randn(2, 1, 6, 6))
+    assert {"permutation", "rescale", "bn_scale"} <= set(rep.to_pandas()["kind"])
+    assert "dead units: 1 of 4" in rep.summary() and "distinct units: 3 of 4" in rep.summary()

@@ -28,16 +28,18 @@ either can happen and the fraction is not judged there (|Λ| < ``dw_margin``).
 (b) Depth-3 factorisation: the local threshold is not the global one
 --------------------------------------------------------------------
 min ‖M − UVW‖²_F + γ(‖U‖²_F + ‖V‖²_F + ‖W‖²_F) over square U, V, W. For a fixed product A = UVW the
-cheapest factors are balanced and aligned with A's singular vectors (each factor carries σ_i(A)^{1/3} per
-direction, by the AM–GM inequality on the three factors' norms), so the decay costs 3γ Σ_i σ_i(A)^{2/3};
-by von Neumann's trace inequality the best A shares M's singular vectors, and the problem decouples over
-the singular values σ of M: with s = t³ the singular value of A and t the size of each factor,
+smallest ‖U‖² + ‖V‖² + ‖W‖² is 3 Σ_i σ_i(A)^{2/3} (the variational form of the Schatten-2/3 quasi-norm),
+attained by balanced factors aligned with A's singular vectors, each carrying σ_i(A)^{1/3} per direction.
+So the problem is min_A ‖M − A‖² + 3γ Σ_i σ_i(A)^{2/3}; by von Neumann's trace inequality the best A
+shares M's singular vectors, and it decouples over the singular values σ of M: with s = t³ the singular
+value of A and t the size of each factor,
 
     f(t) = (t³ − σ)² + 3γt²,    f'(t) = 6t(t⁴ − σt + γ).
 
 Stationary points: t = 0, or a root of g(t) = t⁴ − σt + γ. g is convex with its minimum at
 t* = (σ/4)^{1/3}, where g(t*) = γ − 3(σ/4)^{4/3}; so a positive root exists iff σ ≥ 4(γ/3)^{3/4}
-(≈ 1.7548 γ^{3/4}); the larger root is a local minimum of f, the smaller a saddle between it and 0.
+(≈ 1.7548 γ^{3/4}); the larger root is a local minimum of f, the smaller a local maximum of f between
+it and 0 (a saddle in parameter space): the barrier that a start must cross to reach the non-zero branch.
 The non-zero minimum beats t = 0 iff f(t) < f(0) = σ². At the switch both f(t) = σ² (that is,
 t⁴ − 2σt + 3γ = 0 after dividing t⁶ − 2σt³ + 3γt² by t²) and g(t) = 0 hold; subtracting gives t = 2γ/σ,
 and then 16γ⁴/σ⁴ = γ: the switch is at σ = 2γ^{3/4}, where the global minimiser jumps from s = 0 to

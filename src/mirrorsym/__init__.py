@@ -1,6 +1,6 @@
 """mirrorsym: find, diagnose, predict and control the parameter symmetries of PyTorch models.
 
-Conventions (THEORY.md §0): θ is every trainable parameter keyed by ``named_parameters()`` names;
+Conventions (docs/theory.md#conventions): θ is every trainable parameter keyed by ``named_parameters()`` names;
 weight decay is L + γ‖θ‖², i.e. torch ``weight_decay = 2γ`` (coupled); a mirror is R = I − 2OOᵀ with
 surface Oᵀθ = 0.
 """

@@ -1,6 +1,6 @@
-"""Layer 4: constrain by symmetry (DCS, THEORY.md §5), export the smaller model, remove symmetries (§6).
+"""Layer 4: constrain by symmetry (DCS, docs/theory.md#dcs), export the smaller model, remove symmetries (§6).
 
-Conventions (THEORY.md §0): objective L + γ‖factors‖², torch coupled ``weight_decay = λ = 2γ``; the DCS
+Conventions (docs/theory.md#conventions): objective L + γ‖factors‖², torch coupled ``weight_decay = λ = 2γ``; the DCS
 penalties are then λ‖θ‖₁ (sparse), λΣ‖θ_g‖₂ (group_sparse, units), λ‖W‖_* (low_rank), λ‖Oᵀθ‖₁ (linear).
 Parametrizations change state-dict keys (``w`` → ``parametrizations.w.original{0,1,...}``); ``export`` bakes
 them away. Register before building the optimizer.

@@ -1,7 +1,7 @@
-"""Differentiable constraint by symmetry (DCS, THEORY.md §5): parametrizations whose weight decay is a
+"""Differentiable constraint by symmetry (DCS, docs/theory.md#dcs): parametrizations whose weight decay is a
 sparsity / group-sparsity / low-rank / linear-constraint penalty.
 
-Convention (THEORY.md §0): the objective is L(θ) + γ‖factors‖², i.e. *coupled* torch ``weight_decay = λ = 2γ``
+Convention (docs/theory.md#conventions): the objective is L(θ) + γ‖factors‖², i.e. *coupled* torch ``weight_decay = λ = 2γ``
 on the factor parameters. Minimising over the factors at a fixed product gives
 
 * ``sparse``:       θ = u ⊙ v              → λ‖θ‖₁ = 2γ‖θ‖₁                     (lasso)
@@ -21,7 +21,7 @@ its fixed point is not the minimiser of a fixed penalty: the effective strength 
 Adam's preconditioner, so the lasso / group-lasso / nuclear-norm correspondence (and the alpha mapping) is
 lost.
 
-Splits are **unbalanced** (THEORY.md §5 warning): the second factor starts at a constant ``scale`` (c)
+Splits are **unbalanced** (docs/theory.md#balanced-split): the second factor starts at a constant ``scale`` (c)
 not tied to |θ|, the first at θ/c. A balanced split (|u| = |v|) would sit on the mirror surface u = ±v,
 which Theorem 1 makes absorbing, and no weight could ever change sign.
 

@@ -1,11 +1,11 @@
-"""Removing symmetries (syre, THEORY.md §6) and the two baselines with the same interface.
+"""Removing symmetries (syre, docs/theory.md#syre) and the two baselines with the same interface.
 
 ``remove_symmetries``: train ℓ(φ) + γ‖D(φ − θ₀)‖² with a fixed random offset θ₀ ~ N(0, σ₀²I) per tensor,
 σ₀ = ``sigma`` × the tensor's init scale (its std at the call; for a constant tensor such as a BatchNorm
 weight or a zero bias: the std of its module's ``weight``, else 1), and D = diag(1 + ε_i), ε_i ~ U(−ε, ε)
 (``advanced_eps``; ε = 0 gives D = I). A generic θ₀ leaves no reflection that maps the regularised loss to
 itself, so no symmetric surface (dead, duplicated, low-rank) stays absorbing. Torch coupled ``weight_decay=λ``
-is γ = λ/2 (THEORY.md §0).
+is γ = λ/2 (docs/theory.md#conventions).
 
 Two modes, same objective:
 

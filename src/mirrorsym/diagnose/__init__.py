@@ -1,4 +1,4 @@
-"""Layer 3: diagnose symmetry-induced structure (THEORY.md §7): dead, duplicated and low-rank units,
+"""Layer 3: diagnose symmetry-induced structure (docs/theory.md#metrics): dead, duplicated and low-rank units,
 collapse metrics on probe data, and a monitor over training. Reads models through a SymmetryMap.
 
 ``mirrorsym.diagnose`` is both this subpackage and the function: calling the module,

@@ -1,9 +1,9 @@
 """Shared training code for the collapse experiments: digits data, a ReLU MLP that exposes its hidden
-activations, continual backprop, and the per-layer structure metrics of THEORY.md §7.
+activations, continual backprop, and the per-layer structure metrics of docs/theory.md#metrics.
 
 Conventions: a hidden layer ``l`` of :class:`MLP` is ``model.layers[l]`` (nn.Linear, weight (out, in));
 its *unit matrix* has one row per hidden unit i: [incoming weights W_l[i, :], bias b_l[i], outgoing
-weights W_{l+1}[:, i]] — the coordinates a permutation of two units swaps (THEORY.md §3). Every random
+weights W_{l+1}[:, i]] — the coordinates a permutation of two units swaps (docs/theory.md#common-symmetries). Every random
 choice takes a ``torch.Generator``.
 """
 
@@ -64,7 +64,7 @@ def unit_matrix(model: MLP, layer: int) -> torch.Tensor:
 
 @torch.no_grad()
 def structure_metrics(model: MLP, probe: torch.Tensor) -> dict[str, float]:
-    """THEORY.md §7 metrics summed over hidden layers: ``dead`` (zero on every probe input), ``dormant``
+    """docs/theory.md#metrics metrics summed over hidden layers: ``dead`` (zero on every probe input), ``dormant``
     (active on < 1 % of them), ``distinct`` (clusters of identical units, default rtol), ``eff_rank`` of
     the last hidden representation on the probe, and ``weight_norm`` ‖θ‖₂ over all parameters."""
     _, acts = model(probe)

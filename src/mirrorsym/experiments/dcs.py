@@ -1,4 +1,4 @@
-"""Differentiable constraint by symmetry (DCS, THEORY.md §5): exact constraints above a predicted threshold,
+"""Differentiable constraint by symmetry (DCS, docs/theory.md#dcs): exact constraints above a predicted threshold,
 and structured sparsity that exports to a physically smaller CNN.
 
 Part (a), a general linear constraint Oᵀθ = 0. Linear regression L(θ) = mean (y − Xθ)² with θ ∈ R^d and a
@@ -109,7 +109,7 @@ def surface_minimiser(p: dict, gamma: float) -> torch.Tensor:
 
 
 def surface_gradient(p: dict, gamma: float) -> torch.Tensor:
-    """∂L/∂s = Oᵀ∇L(θ*_S(γ)): s = 0 is optimal for F iff ‖this‖_∞ ≤ 2γ (THEORY.md §5)."""
+    """∂L/∂s = Oᵀ∇L(θ*_S(γ)): s = 0 is optimal for F iff ‖this‖_∞ ≤ 2γ (docs/theory.md#dcs)."""
     return p["O"].T @ loss_gradient(p["X"], p["y"], surface_minimiser(p, gamma))
 
 

@@ -5,9 +5,9 @@ Setup: scikit-learn's digits (pixels scaled to [0, 1], centred), two augmented v
 encoder r = V x (the representation) and, optionally, a linear projector z = W r (the embedding the loss
 sees). Loss: InfoNCE with dot-product similarity, ℓ = mean_i −log softmax_j(z_iᵀ z'_j / τ) over a
 minibatch (positives on the diagonal), symmetrised over the two views, plus weight decay γ‖θ‖² (torch
-``weight_decay = λ = 2γ``, THEORY.md §0), minibatch SGD with momentum.
+``weight_decay = λ = 2γ``, docs/theory.md#conventions), minibatch SGD with momentum.
 
-Symmetry (THEORY.md §3): W V is unchanged by (W, V) → (WQᵀ, QV) for orthogonal Q, so each unit vector n
+Symmetry (docs/theory.md#common-symmetries): W V is unchanged by (W, V) → (WQᵀ, QV) for orthogonal Q, so each unit vector n
 gives a mirror with surface W n = 0, nᵀV = 0 — a representation direction switched off. Decay keeps
 these mirrors (R is orthogonal) and turns the product's penalty into a nuclear-norm penalty on W V
 (closed form C), so weak directions are pulled exactly onto their surfaces: the representation's

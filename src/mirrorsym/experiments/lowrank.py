@@ -1,7 +1,7 @@
 """Rotation symmetry ⇒ low rank (the paper's Fig. 1, middle), on closed form C.
 
 A product A = UW is unchanged by U → UQᵀ, W → QW for orthogonal Q; each unit vector n gives a mirror
-whose surface is Un = 0, nᵀW = 0. Theory (THEORY.md §3, closed form C): min ‖M − UW‖²_F +
+whose surface is Un = 0, nᵀW = 0. Theory (docs/theory.md#common-symmetries, closed form C): min ‖M − UW‖²_F +
 γ(‖U‖²_F + ‖W‖²_F) soft-thresholds the singular values, σ_i(A) = max(σ_i(M) − γ, 0), so
 rank A = #{σ_i(M) > γ}.
 

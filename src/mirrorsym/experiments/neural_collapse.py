@@ -4,7 +4,7 @@ A ReLU MLP 64 → H → H → 10 is trained on a fixed training subset of scikit
 SGD + momentum and a cosine learning-rate decay to 0, one copy per weight decay (all copies at once,
 batched weights, the same init and minibatches), once with squared error to one-hot targets (MSE) and
 once with cross-entropy (CE). Decay is coupled, L + γ‖θ‖² with γ = λ/2 for the listed torch
-``weight_decay`` λ (THEORY.md §0). After training, on the training set, with features h = the last
+``weight_decay`` λ (docs/theory.md#conventions). After training, on the training set, with features h = the last
 hidden layer and the head's classifier (W, b), :func:`mirrorsym.diagnose.metrics.neural_collapse` gives
 NC1 = Tr(Σ_W Σ_B⁺)/C, NC2 (equinorm: CV of the centred class-mean norms; equiangularity: mean
 |cos + 1/(C−1)|, 0 for a simplex ETF), NC3 = ‖W/‖W‖ − Mᵀ/‖M‖‖², NC4 = disagreement of the classifier

@@ -17,7 +17,7 @@ decoder column a·q_i and encoder row b·q_iᵀ (q_i the eigenvector of λ_i). I
 Hence **a² = max(0, λ − βσ²)**: direction i is learned iff λ_i > βσ² and otherwise the latent collapses
 (a = b = 0, s² = 1: q(z|x) = prior). At the optimum, for λ > c:
 
-* Var_x E[z_j|x] = b²λ = 1 − βσ²/λ (the active-unit statistic of THEORY.md §7);
+* Var_x E[z_j|x] = b²λ = 1 − βσ²/λ (the active-unit statistic of docs/theory.md#metrics);
 * per-latent KL = ½ log(λ/(βσ²)), and 0 for a collapsed latent.
 
 So the number of active latents is min(k, #{λ_i > βσ²}). (β = 1 is the pPCA result of Lucas et al. 2019.)

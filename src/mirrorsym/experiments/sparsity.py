@@ -1,7 +1,7 @@
 """Rescaling symmetry ⇒ sparsity (the paper's Fig. 1, left), on closed form A.
 
 Hadamard regression f(x) = Σ_i u_i w_i x_i, L = mean (y − f)², decay γ(‖u‖² + ‖w‖²). Each pair
-(u_i, w_i) has the sign-flip mirror with surface u_i = w_i = 0. Theory (THEORY.md §3): coordinate i is
+(u_i, w_i) has the sign-flip mirror with surface u_i = w_i = 0. Theory (docs/theory.md#common-symmetries): coordinate i is
 pulled onto its surface iff γ > γ_c,i = |∂L/∂β_i|/2 at the surface point, and globally the model solves
 the lasso L(β) + 2γ‖β‖₁, i.e. scikit-learn's ``Lasso(alpha=γ)``.
 
@@ -9,7 +9,7 @@ Part 1 trains one copy per γ with full-batch gradient descent (all copies at on
 support with the per-coordinate thresholds computed by ``critical_weight_decay`` and the coefficients
 with scikit-learn's lasso path. Part 2 fixes γ and raises the learning rate with minibatch SGD on the
 sweep engine (``ms.sweep``: every (lr, batch size) a vmapped copy, resumable, local or Ray): gradient
-noise alone drives extra coordinates onto their surfaces (THEORY.md §4), beyond the lasso support.
+noise alone drives extra coordinates onto their surfaces (docs/theory.md#gradient-noise), beyond the lasso support.
 A coordinate counts as zero when |u_i w_i| < ``zero_tol``.
 """
 

@@ -1,10 +1,10 @@
 """Rotation symmetry in attention ⇒ low-rank heads under weight decay; symmetry removal keeps the rank.
 
 Per head h the attention scores are x W_Q,h W_K,hᵀ xᵀ, unchanged by W_Q,h → W_Q,h Q, W_K,h → W_K,h Q for
-every orthogonal Q (d_head × d_head): the rotation symmetry of THEORY.md §3, whose reflections
+every orthogonal Q (d_head × d_head): the rotation symmetry of docs/theory.md#common-symmetries, whose reflections
 Q = I − 2nnᵀ have the surfaces W_Q,h n = 0, W_K,h n = 0. With decay γ(‖W_Q,h‖² + ‖W_K,h‖²) the minimum
 over the factorisation is 2γ‖W_Q,h W_K,hᵀ‖_* (closed form C), so larger γ should give lower-rank score
-matrices. Decay towards a fixed random offset θ₀ (``ms.remove_symmetries``, THEORY.md §6) has no such
+matrices. Decay towards a fixed random offset θ₀ (``ms.remove_symmetries``, docs/theory.md#syre) has no such
 surface through its minimiser, so at the same γ the heads should keep a higher rank.
 
 Task (known structure): *associative recall with paired tokens*. Each sequence holds P (key, value)

@@ -1,7 +1,8 @@
 """Differentiable constraint by symmetry (DCS, docs/theory.md#dcs): parametrizations whose weight decay is a
 sparsity / group-sparsity / low-rank / linear-constraint penalty.
 
-Convention (docs/theory.md#conventions): the objective is L(θ) + γ‖factors‖², i.e. *coupled* torch ``weight_decay = λ = 2γ``
+Convention (docs/theory.md#conventions): the objective is L(θ) + γ‖factors‖², i.e. *coupled* torch
+``weight_decay = λ = 2γ``
 on the factor parameters. Minimising over the factors at a fixed product gives
 
 * ``sparse``:       θ = u ⊙ v              → λ‖θ‖₁ = 2γ‖θ‖₁                     (lasso)

@@ -3,7 +3,8 @@ activations, continual backprop, and the per-layer structure metrics of docs/the
 
 Conventions: a hidden layer ``l`` of :class:`MLP` is ``model.layers[l]`` (nn.Linear, weight (out, in));
 its *unit matrix* has one row per hidden unit i: [incoming weights W_l[i, :], bias b_l[i], outgoing
-weights W_{l+1}[:, i]] — the coordinates a permutation of two units swaps (docs/theory.md#common-symmetries). Every random
+weights W_{l+1}[:, i]] — the coordinates a permutation of two units swaps
+(docs/theory.md#common-symmetries). Every random
 choice takes a ``torch.Generator``.
 """
 

@@ -7,7 +7,8 @@ sees). Loss: InfoNCE with dot-product similarity, ℓ = mean_i −log softmax_j(
 minibatch (positives on the diagonal), symmetrised over the two views, plus weight decay γ‖θ‖² (torch
 ``weight_decay = λ = 2γ``, docs/theory.md#conventions), minibatch SGD with momentum.
 
-Symmetry (docs/theory.md#common-symmetries): W V is unchanged by (W, V) → (WQᵀ, QV) for orthogonal Q, so each unit vector n
+Symmetry (docs/theory.md#common-symmetries): W V is unchanged by (W, V) → (WQᵀ, QV) for orthogonal Q, so each
+unit vector n
 gives a mirror with surface W n = 0, nᵀV = 0 — a representation direction switched off. Decay keeps
 these mirrors (R is orthogonal) and turns the product's penalty into a nuclear-norm penalty on W V
 (closed form C), so weak directions are pulled exactly onto their surfaces: the representation's

@@ -1,4 +1,5 @@
-"""Gradient noise drives SGD onto a symmetric surface (docs/theory.md#gradient-noise): phase diagram over (lr, batch size).
+"""Gradient noise drives SGD onto a symmetric surface (docs/theory.md#gradient-noise): phase diagram over
+(lr, batch size).
 
 Near a surface S the linearised SGD step is z_{t+1} = (I − η(Ĥ_t + 2γI)) z_t (no additive noise), and SGD
 collapses onto S iff the top Lyapunov exponent Λ(η, b) < 0, even at a saddle of the expected loss.

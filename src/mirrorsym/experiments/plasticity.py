@@ -17,7 +17,8 @@ Methods, all with the same init, task sequence and minibatch order: plain SGD; L
 The decay methods share λ and run in the library's optimizer mode (decoupled step after each SGD step;
 for SGD this is the same objective as coupled decay).
 
-Mechanism (docs/theory.md#common-symmetries and #syre): a ReLU unit whose pre-activation is negative on every input gets no
+Mechanism (docs/theory.md#common-symmetries and #syre): a ReLU unit whose pre-activation is negative on
+every input gets no
 gradient, so plain SGD never revives it: dead units accumulate. Decay towards a generic θ₀ pulls every
 unit towards a random point where it is active on part of the data again; decay towards 0 (L2) keeps the
 zero state absorbing (ReLU(0) = 0 has zero gradient) and only slows the drift. After each task the
@@ -222,7 +223,8 @@ class LogitsOnly(nn.Module):
 
 def monitor_metrics(monitor: SymmetryMonitor) -> dict[str, float]:
     """Record the monitor now; return the smallest distance to a permutation surface (the closest pair of
-    hidden units, ‖u_i − u_j‖/√2, docs/theory.md#common-symmetries) and its distinct-unit count over permutation groups."""
+    hidden units, ‖u_i − u_j‖/√2, docs/theory.md#common-symmetries) and its distinct-unit count over
+    permutation groups."""
     rep = monitor.record()
     groups = rep.to_pandas()
     perm = groups[groups["kind"] == "permutation"]

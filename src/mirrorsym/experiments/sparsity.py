@@ -1,7 +1,8 @@
 """Rescaling symmetry ⇒ sparsity (the paper's Fig. 1, left), on closed form A.
 
 Hadamard regression f(x) = Σ_i u_i w_i x_i, L = mean (y − f)², decay γ(‖u‖² + ‖w‖²). Each pair
-(u_i, w_i) has the sign-flip mirror with surface u_i = w_i = 0. Theory (docs/theory.md#common-symmetries): coordinate i is
+(u_i, w_i) has the sign-flip mirror with surface u_i = w_i = 0. Theory (docs/theory.md#common-symmetries):
+coordinate i is
 pulled onto its surface iff γ > γ_c,i = |∂L/∂β_i|/2 at the surface point, and globally the model solves
 the lasso L(β) + 2γ‖β‖₁, i.e. scikit-learn's ``Lasso(alpha=γ)``.
 

@@ -1,4 +1,7 @@
-"""Layer 3: the theory's predictions (docs/theory.md#theorem-1 and #gradient-noise). Convention: L_γ = L + γ‖θ‖², torch λ = 2γ."""
+"""Layer 3: the theory's predictions (docs/theory.md#theorem-1 and #gradient-noise).
+
+Convention: L_γ = L + γ‖θ‖², torch λ = 2γ.
+"""
 
 from .noise import (
     CriticalLRResult,

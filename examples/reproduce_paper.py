@@ -7,9 +7,10 @@ figures. Every claim is a prediction of the theory next to a measurement, and ca
 
 1. runs a set of experiments (``--only NAME ...``; default: all) at the ``quick`` size (``tiny`` with
    ``--tiny``, the size the test suite uses);
-2. reads ``claims.json`` back and prints each claim with its prediction and measurement;
-3. draws a summary figure (claims passed per experiment, seconds per experiment) next to the
-   experiments' own figures.
+2. reads ``claims.json`` back and prints each claim with its prediction, measurement and outcome: a
+   *check* (an identity) passes or fails, a *finding* (an empirical statement of the paper) is reproduced,
+   not reproduced or contradicted;
+3. draws a summary figure (outcomes and seconds per experiment) next to the experiments' own figures.
 
 Run: ``python examples/reproduce_paper.py [--tiny] [--only theorem1 noise] [--out DIR]``.
 The command-line equivalent is ``mirrorsym reproduce theorem1 noise --quick --out DIR``.
@@ -55,20 +56,34 @@ def main(argv=None) -> int:
     code = run_reproduction(names, size=size, out=report, device="cpu")
 
     claims = pd.DataFrame(json.loads((report / "claims.json").read_text()))
-    print(claims[["experiment", "claim", "predicted", "measured", "passed"]].to_string(index=False))
-    print(f"\n{int(claims['passed'].sum())}/{len(claims)} claims passed; report: {report / 'report.html'}")
+    # A check (an identity: closed form, invariance, exact threshold) passes or fails; a finding (an empirical
+    # statement of the paper) is "reproduced", "not reproduced" or "contradicted" by a rule fixed in advance.
+    claims["outcome"] = [
+        ("passed" if c["passed"] else "failed") if c.get("kind", "check") == "check" else c["verdict"]
+        for c in claims.to_dict("records")
+    ]
+    shown = [c for c in ("experiment", "kind", "claim", "predicted", "measured", "outcome") if c in claims]
+    short = claims[shown].astype(str).apply(lambda col: col.str.slice(0, 60 if col.name == "claim" else 28))
+    print(short.to_string(index=False))
+    print("\n" + ", ".join(f"{n} {o}" for o, n in claims["outcome"].value_counts().items())
+          + f"; exit code {code}; report: {report / 'report.html'}")
 
     # Figures: a summary, plus a copy of each experiment's own figures --------------------------------------
-    per_exp = claims.groupby("experiment", sort=False).agg(passed=("passed", "sum"), total=("passed", "size"),
-                                                           seconds=("seconds", "first"))
-    fig, ax = plt.subplots(1, 2, figsize=(11, 0.5 * len(per_exp) + 2))
-    ax[0].barh(per_exp.index, per_exp["total"], color="tab:red", label="failed")
-    ax[0].barh(per_exp.index, per_exp["passed"], color="tab:green", label="passed")
+    colors = {"passed": "tab:green", "failed": "tab:red", "reproduced": "tab:olive",
+              "not reproduced": "tab:gray", "contradicted": "tab:purple"}
+    table = claims.groupby(["experiment", "outcome"], sort=False).size().unstack(fill_value=0)
+    table = table.reindex(columns=[c for c in colors if c in table.columns])
+    seconds = claims.groupby("experiment", sort=False)["seconds"].first().reindex(table.index)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 0.5 * len(table) + 2))
+    left = pd.Series(0, index=table.index)
+    for outcome in table.columns:
+        ax[0].barh(table.index, table[outcome], left=left, color=colors[outcome], label=outcome)
+        left = left + table[outcome]
     ax[0].set_xlabel("claims")
-    ax[0].set_title(f"Claims ({size} size)")
+    ax[0].set_title(f"Claims ({size} size): checks pass or fail, findings get a verdict")
     ax[0].invert_yaxis()
     ax[0].legend(fontsize=8)
-    ax[1].barh(per_exp.index, per_exp["seconds"], color="tab:blue")
+    ax[1].barh(seconds.index, seconds.to_numpy(), color="tab:blue")
     ax[1].set_xlabel("seconds (this machine; cached runs show their first time)")
     ax[1].set_title("Time per experiment")
     ax[1].invert_yaxis()

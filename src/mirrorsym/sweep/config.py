@@ -17,6 +17,31 @@ A *run config* is a flat dict with one value for every standard field and every 
                             drawn once per run (λ(θ − θ₀) replaces λθ; THEORY.md §6). No effect at λ = 0
 ==========================  =========================================================================
 
+Optimizer options (each equal to the torch optimizer on the same minibatches; see
+:mod:`mirrorsym.sweep.engine` for the exact update and ``tests/test_sweep_optim.py``):
+
+==========================  =========================================================================
+``optimizer``               ``"sgd"`` (default; ``torch.optim.SGD``), ``"adam"`` (``torch.optim.Adam``)
+                            or ``"adamw"`` (``torch.optim.AdamW``). ``weight_decay`` is *coupled*
+                            (+ λθ in the gradient, i.e. the penalty γ‖θ‖² with γ = λ/2) for sgd and
+                            adam, *decoupled* for adamw (θ ← θ − ηλθ before the Adam step: not an L2
+                            penalty, so γ_c and the other thresholds of the theory do not transfer)
+``nesterov``                sgd only: Nesterov momentum (needs ``momentum`` > 0), default False
+``beta1``, ``beta2``        adam/adamw only: moment decay rates (defaults 0.9, 0.999)
+``eps``                     adam/adamw only: denominator ε (default 1e-8)
+``lr_schedule``             ``"constant"`` (default), ``"step"`` (``StepLR``: η·γ^⌊t/s⌋ at step t) or
+                            ``"cosine"`` (``CosineAnnealingLR`` with T_max = ``steps``:
+                            η_min + (η − η_min)(1 + cos(πt/T))/2); the scheduler steps once per step
+``lr_step_size``, ``lr_gamma``  step schedule: s ≥ 1 (required with "step") and γ > 0 (default 0.1)
+``lr_min``                  cosine schedule: η_min ≥ 0 (default 0)
+``clip_grad_norm``          c ≥ 0: clip the run's gradient to global L2 norm ≤ c
+                            (``torch.nn.utils.clip_grad_norm_``, before the optimizer adds its decay);
+                            0 (default) = off
+==========================  =========================================================================
+
+Settings that would have no effect are refused (momentum with adam, beta1 with sgd, lr_min without the
+cosine schedule, ...): a grid that mixes optimizers is a list of grids, one per optimizer.
+
 More options plug in with :func:`register_option` (e.g. a DCS parametrisation or ``remove_symmetries``
 as a ``transform_model`` hook applied to every freshly built copy).
 """
@@ -122,6 +147,62 @@ register_option("noise", 0.0, _non_negative, doc="std of Gaussian noise added to
 register_option("decay_to_offset_sigma", 0.0, _non_negative,
                 doc="decay towards a fixed random θ₀ ~ N(0, σ₀²I) instead of 0")
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"must be one of {choices}"
+
+
+def _unit_interval(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+# optimizer options: registered like method options, so that run ids only hash them away from their
+# defaults (the ids of plain SGD runs keep their form) and stored rows of older versions stay readable
+register_option("optimizer", "sgd", _one_of(OPTIMIZERS), doc="sgd | adam | adamw")
+register_option("nesterov", False, doc="sgd: Nesterov momentum")
+register_option("beta1", 0.9, _unit_interval, doc="adam/adamw: first-moment decay")
+register_option("beta2", 0.999, _unit_interval, doc="adam/adamw: second-moment decay")
+register_option("eps", 1e-8, _non_negative, doc="adam/adamw: denominator epsilon")
+register_option("lr_schedule", "constant", _one_of(SCHEDULES), doc="constant | step | cosine")
+register_option("lr_step_size", 0, _non_negative, doc="step schedule: steps between decays")
+register_option("lr_gamma", 0.1, _positive, doc="step schedule: decay factor")
+register_option("lr_min", 0.0, _non_negative, doc="cosine schedule: final learning rate")
+register_option("clip_grad_norm", 0.0, _non_negative, doc="max global gradient norm per run (0: off)")
+BUILTIN_OPTIONS = ("noise", "decay_to_offset_sigma", "optimizer", "nesterov", "beta1", "beta2", "eps",
+                   "lr_schedule", "lr_step_size", "lr_gamma", "lr_min", "clip_grad_norm")
+
+
+def check_combination(config: Mapping) -> None:
+    """Refuse settings that have no effect for the chosen optimizer or schedule (a likely mistake)."""
+    opt, schedule = config["optimizer"], config["lr_schedule"]
+
+    def refuse(name, why):
+        raise ValueError(f"mirrorsym.sweep grid[{name!r}] = {config[name]!r}: {why} (this config: optimizer "
+                         f"{opt!r}, lr_schedule {schedule!r}); give a list of grids to combine optimizers "
+                         "or schedules with their own settings")
+
+    if opt != "sgd":
+        for name in ("momentum", "nesterov"):
+            if config[name] != fields()[name].default:
+                refuse(name, f"an SGD setting; {opt} has beta1/beta2 instead")
+    else:
+        for name in ("beta1", "beta2", "eps"):
+            if config[name] != fields()[name].default:
+                refuse(name, "an Adam/AdamW setting; set optimizer='adam' or 'adamw'")
+        if config["nesterov"] and config["momentum"] == 0:
+            refuse("nesterov", "Nesterov momentum needs momentum > 0")
+    if schedule == "step" and config["lr_step_size"] < 1:
+        raise ValueError("mirrorsym.sweep: lr_schedule 'step' needs lr_step_size >= 1 (steps between decays)")
+    if schedule != "step":
+        for name in ("lr_step_size", "lr_gamma"):
+            if config[name] != fields()[name].default:
+                refuse(name, "a setting of lr_schedule='step'")
+    if schedule != "cosine" and config["lr_min"] != fields()["lr_min"].default:
+        refuse("lr_min", "a setting of lr_schedule='cosine'")
+
 
 def fields() -> dict[str, Field]:
     return {**STANDARD, **OPTIONS}
@@ -196,6 +277,7 @@ def complete(config: Mapping) -> dict:
         if problem:
             raise ValueError(f"mirrorsym.sweep grid[{name!r}] = {value!r}: {problem}")
         out[name] = value
+    check_combination(out)
     return out
 
 

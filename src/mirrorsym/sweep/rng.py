@@ -19,12 +19,20 @@ gives 32-bit words h_j, distinct over j for a fixed key. Then
   float64, then cast to the requested dtype.
 
 Seeds are integers in [0, 2³²).
+
+**Blocks.** The trainer draws many steps at once (:meth:`Streams.batch_indices_block`,
+:meth:`Streams.gaussian_block`): the same words, computed on the host in ``uint32`` NumPy arithmetic
+(wrapping multiplication mod 2³² is exactly the masked int64 product above) and moved to the device in
+one copy. A block's values equal the per-step functions' bit for bit, so a run's randomness depends on
+its seed and step only, never on how steps are grouped into blocks or runs into chunks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -71,6 +79,18 @@ def key(seed, purpose: int, step: int, stream: int = 0, device=None):
     ``seed`` (e.g. (K,))."""
     return step_key(seed_key(seed, purpose, device), step, stream)
 
+
+def mix_np(x: np.ndarray) -> np.ndarray:
+    """:func:`mix` on a ``uint32`` NumPy array (a new array; the same values as the int64 version)."""
+    x = x ^ (x >> np.uint32(16))
+    x *= _C1_U32
+    x ^= x >> np.uint32(15)
+    x *= _C2_U32
+    x ^= x >> np.uint32(16)
+    return x
+
+
+_C1_U32, _C2_U32 = np.uint32(_C1), np.uint32(_C2)
 
 _COUNTERS: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -127,10 +147,29 @@ def gaussian(seed, purpose: int, step: int, stream: int, shape, dtype=torch.floa
     return Streams(seed, device).gaussian(purpose, step, stream, shape, dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _mixed_counter_np(count: int) -> np.ndarray:
+    out = mix_np(np.arange(count, dtype=np.uint32))
+    out.flags.writeable = False
+    return out
+
+
+def _step_keys_np(h: np.ndarray, step0: int, count: int, stream: int) -> np.ndarray:
+    """mix(mix(h ^ step) ^ stream) for steps step0..step0+count-1: shape (count, *h.shape)."""
+    steps = (np.arange(step0, step0 + count, dtype=np.uint64) & MASK32).astype(np.uint32)
+    steps = steps.reshape(count, *([1] * h.ndim))
+    return mix_np(mix_np(h ^ steps) ^ np.uint32(stream))
+
+
+def _words_np(keys: np.ndarray, count: int) -> np.ndarray:
+    """:func:`words` for a uint32 array of keys: shape ``(*keys.shape, count)``."""
+    return mix_np(keys[..., None] ^ _mixed_counter_np(count))
+
+
 class Streams:
     """The random streams of one seed or of a (K,) tensor of seeds, with the step-independent half of
-    every key computed once (what the vmapped trainer calls at each step). Same values as
-    :func:`batch_indices` and :func:`gaussian`."""
+    every key computed once (what the vmapped trainer calls). Same values as :func:`batch_indices` and
+    :func:`gaussian`; the ``*_block`` methods give many consecutive steps at once."""
 
     def __init__(self, seed, device=None):
         if isinstance(seed, torch.Tensor) and seed.dim() == 0 and device is None:
@@ -152,3 +191,33 @@ class Streams:
 
     def gaussian(self, purpose: int, step: int, stream: int, shape, dtype=torch.float32) -> torch.Tensor:
         return _normals(self._key(purpose), step, stream, tuple(shape), dtype, self.batch, self.device)
+
+    def _key_np(self, purpose: int) -> np.ndarray:
+        key = self._key(purpose)
+        if isinstance(key, int):
+            return np.asarray(key, dtype=np.uint32)
+        return key.cpu().numpy().astype(np.uint32)
+
+    def batch_indices_block(self, step0: int, count: int, n: int, batch_size: int) -> torch.Tensor:
+        """``torch.stack([batch_indices(t, n, B) for t in range(step0, step0 + count)])``: shape
+        ``(count, *batch, batch_size)``, int64, on this stream's device; drawn on the host in one go."""
+        if batch_size == n:
+            return torch.arange(n, device=self.device).expand(count, *self.batch, n)
+        keys = _step_keys_np(self._key_np(INDICES), step0, count, 0)
+        idx = _words_np(keys, batch_size)
+        idx %= np.uint32(n)
+        return torch.from_numpy(idx.astype(np.int64)).to(self.device)
+
+    def gaussian_block(self, purpose: int, step0: int, count: int, stream: int, shape,
+                       dtype=torch.float32) -> torch.Tensor:
+        """``torch.stack([gaussian(purpose, t, stream, shape, dtype) for t in range(step0, step0 +
+        count)])``: shape ``(count, *batch, *shape)``. The 32-bit words are drawn on the host; Box–Muller
+        runs in float64 on the device, as in :func:`gaussian`."""
+        shape = tuple(shape)
+        numel = math.prod(shape)
+        keys = _step_keys_np(self._key_np(purpose), step0, count, stream)
+        w = torch.from_numpy(_words_np(keys, 2 * numel).astype(np.int64)).to(self.device).double()
+        u = (w + 0.5) / 2.0**32
+        u1, u2 = u[..., :numel], u[..., numel:]
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        return z.reshape(count, *self.batch, *shape).to(dtype)

@@ -53,7 +53,7 @@ from torch import nn
 from ..core.io import source_tree_hash
 from . import backends
 from .config import OPTIONS, check_against_data, expand_grid, run_id
-from .engine import Problem, train_chunk
+from .engine import Problem, check_trainable, program_key, train_chunk
 from .store import ResultStore
 
 BACKENDS = ("local", "ray")
@@ -301,13 +301,30 @@ def what_changed(old: Mapping | None, new: Mapping) -> list[str]:
     return changed or (["fingerprint changed"] if old.get("id") != new["id"] else [])
 
 
-def plan_chunks(configs: Sequence[dict], chunk_size: int) -> list[list[dict]]:
-    """Group configs by (batch_size, steps) in order of first appearance, then cut each group into
-    consecutive chunks of ``chunk_size``. Deterministic, so a rerun meets the very same chunks."""
-    groups: dict[tuple[int, int], list[dict]] = {}
+def plan_chunks(configs: Sequence[dict], chunk_size: int, workers: int = 1) -> list[list[dict]]:
+    """Group configs by :func:`~mirrorsym.sweep.engine.program_key` (batch size, steps, optimizer,
+    Nesterov, clipping on/off) in order of first appearance, then cut each group into consecutive chunks.
+
+    ``workers == 1``: chunks of ``chunk_size`` (the last one shorter). ``workers > 1`` (Ray): each group
+    is cut into at least ``min(workers, len(group))`` chunks of balanced sizes, none above ``chunk_size``,
+    so that every worker gets work. Deterministic for given arguments, so a rerun with the same
+    ``chunk_size`` (and worker count) meets the very same chunks."""
+    groups: dict[tuple, list[dict]] = {}
     for c in configs:
-        groups.setdefault((c["batch_size"], c["steps"]), []).append(c)
-    return [g[i : i + chunk_size] for g in groups.values() for i in range(0, len(g), chunk_size)]
+        groups.setdefault(program_key(c), []).append(c)
+    chunks = []
+    for g in groups.values():
+        if workers <= 1:
+            chunks += [g[i : i + chunk_size] for i in range(0, len(g), chunk_size)]
+            continue
+        count = max(-(-len(g) // chunk_size), min(workers, len(g)))
+        size, extra = divmod(len(g), count)
+        start = 0
+        for i in range(count):
+            stop = start + size + (1 if i < extra else 0)
+            chunks.append(g[start:stop])
+            start = stop
+    return chunks
 
 
 class Sweep:
@@ -385,6 +402,7 @@ class Sweep:
         if not isinstance(init, nn.Module):
             raise TypeError(f"mirrorsym.sweep: model_factory({seed}) returned {type(init).__name__}, expected "
                             "an nn.Module")
+        check_trainable(init)  # train-mode BatchNorm, dropout: refused by name before any work
         used_hooks = {name: opt.transform_model for name, opt in sorted(OPTIONS.items())
                       if opt.transform_model is not None and any(c.get(name, opt.default) != opt.default
                                                                    for c in self.configs)}

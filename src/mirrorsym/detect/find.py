@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections import defaultdict
 
@@ -132,23 +133,38 @@ def verification_baseline(model: nn.Module, inputs: tuple, kwargs: dict | None =
 
 
 def verify_groups(
-    model: nn.Module, inputs: tuple, groups: list[SymmetryGroup], seed: int = 0, kwargs: dict | None = None
+    model: nn.Module,
+    inputs: tuple,
+    groups: list[SymmetryGroup],
+    seed: int = 0,
+    kwargs: dict | None = None,
+    blockwise: bool | None = None,
 ) -> list[float]:
     """Per group, the max relative output change after one random element (float64, eval mode).
 
     One forward pass per group, each group alone, with an element drawn away from the identity (see
     :func:`~mirrorsym.detect.groups.random_elements`), so no group passes by accident.
+
+    ``blockwise`` (default ``None``: only when a float64 copy of ``model`` would exceed
+    :data:`VERIFY_BLOCKWISE_BYTES`, 2 GiB, i.e. above ~270 M float32 parameters) verifies without a float64
+    copy of the whole model, still in float64 (see :func:`_verify_blockwise`): a group whose tensors all
+    belong to one submodule that the forward pass calls once (a transformer block, its MLP, its attention)
+    is checked on that submodule alone, on the float64 inputs it received, and the error is the relative
+    change of *that submodule's* outputs (unchanged block outputs leave the model's outputs unchanged);
+    the other groups (the residual stream, a final norm with the LM head) by a whole forward pass in
+    which each block is cast to float64 (and transformed) only while it runs. Peak extra memory: about
+    one block in float64 instead of twice the model. If the model cannot run that way (a module reads
+    another's weights without calling it), the whole-model float64 copy is used after all.
     """
+    if blockwise is None:
+        blockwise = _float64_bytes(model) > VERIFY_BLOCKWISE_BYTES
+    if blockwise:
+        errors = _verify_blockwise(model, inputs, groups, seed, kwargs)
+        if errors is not None:
+            return errors
     base, forward = verification_baseline(model, inputs, kwargs)
     y0 = forward()
-    if all(float(y.abs().max()) == 0.0 for y in _flatten_outputs(y0) if y.is_floating_point() and y.numel()):
-        warnings.warn(
-            "mirrorsym.detect: the model's outputs are identically zero on these inputs (e.g. a "
-            "zero-initialised last layer), so verification cannot fail; re-initialise that layer "
-            "or pass other inputs to get a meaningful check",
-            DetectWarning,
-            stacklevel=3,
-        )
+    _warn_if_zero(y0)
     gen = torch.Generator().manual_seed(seed)
     errors = []
     for g, element in zip(groups, random_elements(groups, generator=gen), strict=True):
@@ -156,6 +172,288 @@ def verify_groups(
         with restored(base, [g]):
             g.apply_(base, element)
             errors.append(output_change(y0, forward()))
+    return errors
+
+
+def _warn_if_zero(y0) -> None:
+    if all(float(y.abs().max()) == 0.0 for y in _flatten_outputs(y0) if y.is_floating_point() and y.numel()):
+        warnings.warn(
+            "mirrorsym.detect: the model's outputs are identically zero on these inputs (e.g. a "
+            "zero-initialised last layer), so verification cannot fail; re-initialise that layer "
+            "or pass other inputs to get a meaningful check",
+            DetectWarning,
+            stacklevel=4,
+        )
+
+
+# ---------------------------------------------------------------------------- blockwise verification
+# (large models: no float64 copy of the whole model)
+
+VERIFY_BLOCKWISE_BYTES = 2 * 2**30
+"""verify_groups goes blockwise when a float64 copy of the model's floating tensors would exceed this."""
+
+_BLOCK_MIN_BYTES = 64 * 2**20
+_BLOCK_EXACT = 1e-10  # a block's outputs unchanged up to float64 round-off: the group is verified there
+
+
+def _unique_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+    out = {id(t): t for t in module.parameters()}
+    out.update({id(t): t for t in module.buffers()})
+    return out
+
+
+def _float64_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * 8 for t in _unique_tensors(module).values() if t.is_floating_point())
+
+
+def _to64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
+
+
+def _clone_tree(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_clone_tree(v) for v in x)
+    if isinstance(x, list):
+        return [_clone_tree(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    return x
+
+
+class _Swapper:
+    """Runs a *shell* of the model (its module tree with every parameter and buffer replaced by a meta
+    tensor, so nothing is duplicated) in float64: while a *block* runs, its tensors are float64 copies of
+    the model's, transformed by the group being checked. Blocks: the largest submodules whose float64
+    tensors fit in ``budget`` bytes; a module above them swaps only its own tensors. A module that reads a
+    tensor outside the block being run meets a meta tensor and fails loudly (never silently in float32)."""
+
+    def __init__(self, model: nn.Module, budget: int):
+        tensors = _unique_tensors(model)
+        memo: dict = {}
+        for t in tensors.values():
+            meta = torch.empty(t.shape, dtype=torch.float64 if t.is_floating_point() else t.dtype, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+        self.shell = copy.deepcopy(model, memo).eval()
+        self.real = {}  # shell module -> [(attr, real tensor)] of its own (recurse=False) tensors
+        for m, sm in zip(model.modules(), self.shell.modules(), strict=True):
+            own = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+            self.real[sm] = [(a, t) for a, t in own if t is not None]
+        self.members: dict[int, list[Member]] = {}
+        self.group: SymmetryGroup | None = None
+        self.element = None
+        self.handles: list = []
+        self.size = {sm: _float64_bytes(m) for m, sm in zip(model.modules(), self.shell.modules(), strict=True)}
+        self.budget = budget
+
+    # -------------------------------------------------------------- tensors
+    def set_group(self, group: SymmetryGroup | None, element=None, model: nn.Module | None = None) -> None:
+        self.group, self.element, self.members = group, element, {}
+        if group is not None:
+            for m in group.members:
+                t = model.get_buffer(m.name) if m.buffer else model.get_parameter(m.name)
+                self.members.setdefault(id(t), []).append(m)
+
+    def float64_tensors(self, module: nn.Module, recurse: bool, cache: dict) -> list[tuple[nn.Module, str, object]]:
+        """[(shell module, attribute, float64 value)] for ``module``'s own tensors (or its subtree's)."""
+        mods = module.modules() if recurse else [module]
+        out = []
+        for sm in mods:
+            for attr, t in self.real.get(sm, ()):
+                if id(t) not in cache:
+                    v = _to64(t)
+                    members = self.members.get(id(t))
+                    if members:
+                        if v.dtype == t.dtype:  # .to() returned the model's own storage: never edit it
+                            v = v.clone()
+                        with torch.no_grad():
+                            for m in members:
+                                self.group._act_(v, m, self.element)
+                    cache[id(t)] = v
+                v = cache[id(t)]
+                out.append((sm, attr, nn.Parameter(v, requires_grad=False) if attr in sm._parameters else v))
+        return out
+
+    @contextlib.contextmanager
+    def swapped(self, items):
+        saved = []
+        try:
+            for sm, attr, v in items:
+                saved.append((sm, attr, getattr(sm, attr)))
+                setattr(sm, attr, v)
+            yield
+        finally:
+            for sm, attr, old in reversed(saved):
+                setattr(sm, attr, old)
+
+    # -------------------------------------------------------------- whole forward, block by block
+    def install(self) -> None:
+        stack: list = []
+
+        def hooks(module, recurse):
+            def pre(mod, args):
+                cm = self.swapped(self.float64_tensors(mod, recurse, {}))
+                cm.__enter__()
+                stack.append(cm)
+
+            def post(mod, args, out):
+                stack.pop().__exit__(None, None, None)
+
+            self.handles.append(module.register_forward_pre_hook(pre))
+            self.handles.append(module.register_forward_hook(post, always_call=True))
+
+        def walk(module, is_root):
+            if not is_root and self.size[module] <= self.budget:
+                hooks(module, True)
+                return
+            if self.real[module]:
+                hooks(module, False)
+            for child in module.children():
+                walk(child, False)
+
+        walk(self.shell, True)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _no_none(y):
+    """``y`` without its None entries (an attention module returning ``(out, None)``), so that
+    output_change can compare it; other non-tensor leaves raise."""
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        return {k: _no_none(v) for k, v in y.items() if v is not None}
+    if isinstance(y, (tuple, list)):
+        return [_no_none(v) for v in y if v is not None]
+    return y
+
+
+def _owner(names: list[str]) -> str:
+    """The deepest module path that contains every tensor name ("" = the root)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if any(p != level[0] for p in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = None) -> list[float] | None:
+    """verify_groups without a float64 copy of the model (see there); None if the model cannot be run
+    block by block (then the caller uses the whole-model copy).
+
+    A group is first checked on its *owner*, the deepest submodule holding every name of every tensor it
+    moves, if the forward pass called that module once and its tensors fit in ``budget``: its float64
+    copy (the shell's block, swapped in) runs on the float64 inputs it received, with and without the
+    group's element. Unchanged outputs there (relative change <= ``_BLOCK_EXACT``) leave the model's
+    outputs unchanged. A group that changes its owner's outputs may still be a symmetry of a larger
+    module (a q.k rotation inside one fused projection changes q and k, not q kᵀ): it is checked again
+    on the next enclosing module that qualifies, and finally by a whole forward pass, whose error is the
+    one reported."""
+    check_module_finite(model)
+    kwargs = dict(kwargs or {})
+    named = [(f"input {i}", x) for i, x in enumerate(inputs)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
+    check_finite(named, "example")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        return None  # groups name the plain tensors: act through apply_ on a whole copy
+    xs = to_float64(tuple(inputs))
+    kw = dict(zip(kwargs, to_float64(tuple(kwargs.values())), strict=True))
+    if budget is None:
+        budget = max(_BLOCK_MIN_BYTES, _float64_bytes(model) // 16)
+    sw = _Swapper(model, budget)
+    elements = random_elements(groups, generator=torch.Generator().manual_seed(seed))
+    shell_mods = dict(sw.shell.named_modules())
+
+    def fits(path: str) -> bool:
+        return bool(path) and sw.size[shell_mods[path]] <= budget
+
+    aliases: dict[int, list[str]] = defaultdict(list)
+    every = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in every:
+        aliases[id(t)].append(name)
+    owner_of: dict[int, str] = {}
+    for i, g in enumerate(groups):
+        names = []
+        for m in g.members:
+            t = model.get_buffer(m.name) if m.buffer else model.get_parameter(m.name)
+            names.extend(aliases[id(t)])
+        owner_of[i] = _owner(names)
+    # the inputs of every call of each owner and of every module enclosing one, while they fit the budget
+    watched = set()
+    for path in owner_of.values():
+        while fits(path):
+            watched.add(path)
+            path = path.rpartition(".")[0]
+    captured: dict[str, list] = defaultdict(list)
+
+    def capture(path):
+        def pre(mod, args, kwargs_):
+            captured[path].append((_clone_tree(args), _clone_tree(kwargs_)))
+
+        return pre
+
+    def run_whole():
+        sw.install()
+        try:
+            with torch.no_grad():
+                y = sw.shell(*xs, **kw)
+        finally:
+            sw.remove()
+        if any(t.is_meta for t in _flatten_outputs(y)):
+            raise RuntimeError("an output is on the meta device")
+        return y
+
+    handles = [shell_mods[p].register_forward_pre_hook(capture(p), with_kwargs=True) for p in watched]
+    try:
+        sw.set_group(None)
+        y0 = run_whole()
+    except Exception:  # the model reads tensors outside the module that runs: use the whole-model copy
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    _warn_if_zero(y0)
+
+    def block_of(path: str) -> str:
+        """``path`` or the nearest module enclosing it that can be checked alone ("" = none)."""
+        while fits(path) and len(captured.get(path, ())) != 1:
+            path = path.rpartition(".")[0]
+        return path if fits(path) else ""
+
+    errors: list[float] = [math.nan] * len(groups)
+    pending: dict[str, list[int]] = defaultdict(list)
+    for i, path in owner_of.items():
+        pending[block_of(path)].append(i)
+    while any(pending):
+        path = max((p for p in pending if p), key=lambda p: p.count(".") + 1)  # deepest first
+        idx = pending.pop(path)
+        module = shell_mods[path]
+        args, kwargs_ = captured[path][0]
+        up = block_of(path.rpartition(".")[0])
+        try:
+            sw.set_group(None)
+            base: dict = {}  # the block's float64 tensors, cast once; a group recasts only what it moves
+            with sw.swapped(sw.float64_tensors(module, True, base)), torch.no_grad():
+                b0 = _no_none(module(*_clone_tree(args), **_clone_tree(kwargs_)))
+            for i in idx:
+                sw.set_group(groups[i], elements[i], model)
+                cache = {k: v for k, v in base.items() if k not in sw.members}
+                with sw.swapped(sw.float64_tensors(module, True, cache)), torch.no_grad():
+                    y = module(*_clone_tree(args), **_clone_tree(kwargs_))
+                errors[i] = output_change(b0, _no_none(y))
+                if errors[i] > _BLOCK_EXACT:
+                    pending[up].append(i)
+        except Exception:  # this block cannot run alone: its groups go one level up
+            pending[up].extend(i for i in idx if not errors[i] <= _BLOCK_EXACT and i not in pending[up])
+    for i in sorted(set(pending.get("", []))):
+        sw.set_group(groups[i], elements[i], model)
+        errors[i] = output_change(y0, run_whole())
+    sw.set_group(None)
     return errors
 
 

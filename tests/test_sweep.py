@@ -376,3 +376,120 @@ def test_record_schedule_and_accuracy_metric(tmp_path):
     model = tanh_mlp(0)
     acc0 = (model(X).argmax(-1) == labels).double().mean().item()
     assert df["history_acc"][0][0] == pytest.approx(acc0) and df["acc"][0] > 0.8
+
+
+# ---------------------------------------------------------------- traced blocks, refusals, store URLs
+def test_traced_blocks_equal_eager_steps_and_freeze_at_the_same_step(tmp_path, monkeypatch):
+    """Long blocks (few records) run traced and check divergence once per block; the replay freezes a
+    diverging copy at the very step the eager per-step path does, and the other copies are unaffected."""
+    grid = {"lr": [0.05, 3000.0, 0.2], "momentum": 0.9, "weight_decay": 0.01, "batch_size": 8, "steps": 60,
+            "noise": [0.0, 0.1]}
+    monkeypatch.setattr(ms.sweep.engine, "TRACE_MIN_STEPS", 0)
+    traced = make_sweep(grid, record_every=20).run(tmp_path / "traced", progress=False)
+    monkeypatch.setattr(ms.sweep.engine, "TRACE_MIN_STEPS", 10**9)
+    eager = make_sweep(grid, record_every=1).run(tmp_path / "eager", progress=False)
+    assert list(traced["status"]) == list(eager["status"]) and (traced["status"] == "diverged").sum() == 2
+    assert list(traced["diverged_step"]) == list(eager["diverged_step"])
+    for (_, a), (_, b) in zip(traced.iterrows(), eager.iterrows(), strict=True):
+        assert list(a["history_step"]) == [0, 20, 40, 60]
+        for name in METRICS:
+            np.testing.assert_allclose(a[f"history_{name}"], np.asarray(b[f"history_{name}"])[[0, 20, 40, 60]],
+                                       rtol=0, atol=1e-12)
+
+
+def test_minibatch_blocks_do_not_depend_on_grouping():
+    streams = rng.Streams(torch.tensor([3, 0, 2**32 - 1]))
+    whole = streams.batch_indices_block(5, 30, 97, 7)
+    parts = torch.cat([streams.batch_indices_block(a, b - a, 97, 7) for a, b in [(5, 6), (6, 21), (21, 35)]])
+    alone = torch.stack([torch.stack([rng.batch_indices(s, t, 97, 7) for t in range(5, 35)])
+                         for s in (3, 0, 2**32 - 1)], dim=1)
+    assert torch.equal(whole, parts) and torch.equal(whole, alone)
+    z = streams.gaussian_block(rng.NOISE, 4, 3, 1, (2, 5), torch.float64)
+    assert torch.equal(z[2], rng.gaussian(torch.tensor([3, 0, 2**32 - 1]), rng.NOISE, 6, 1, (2, 5), torch.float64))
+
+
+class BNNet(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, 4).double()
+        self.bn = nn.BatchNorm1d(4).double()
+        self.out = nn.Linear(4, D_OUT).double()
+        self.drop = nn.Dropout(0.2 if mode == "dropout" else 0.0)
+        if mode in ("bn eval", "dropout"):
+            self.bn.eval()
+
+    def forward(self, x):
+        return self.out(self.drop(self.bn(self.fc(x))))
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, D_OUT).double()
+
+    def forward(self, x):
+        return nn.functional.dropout(self.fc(x), 0.1, training=True)
+
+
+@pytest.mark.parametrize("factory, match", [
+    (lambda seed: BNNet("bn train"), r"'bn' \(BatchNorm1d\).*train mode.*eval\(\)"),
+    (lambda seed: BNNet("dropout"), r"'drop' \(Dropout\).*dropout.*p=0"),
+    (lambda seed: nn.Sequential(nn.MultiheadAttention(4, 2, dropout=0.1)), r"MultiheadAttention.*dropout"),
+    (lambda seed: FunctionalDropout(), r"draws random numbers.*dropout"),
+])
+def test_what_vmapped_copies_cannot_train_is_refused_by_name(tmp_path, factory, match):
+    sweep = ms.sweep.Sweep(factory, nn.functional.mse_loss, make_data(), GOOD)
+    with pytest.raises(ms.sweep.UnsupportedModel, match=match):
+        sweep.run(tmp_path, progress=False)
+    assert not list((tmp_path / "runs").glob("chunk-*"))
+
+
+def test_eval_mode_batchnorm_trains_with_fixed_statistics(tmp_path):
+    torch.manual_seed(0)
+    sweep = ms.sweep.Sweep(lambda seed: BNNet("bn eval"), nn.functional.mse_loss, make_data(),
+                           {"lr": 0.05, "batch_size": 8, "steps": 40, "seed": [0, 1]})
+    df = sweep.run(tmp_path, progress=False)
+    assert (df["status"] == "ok").all() and df["history_loss"][0][-1] < df["history_loss"][0][0]
+
+
+def test_a_finished_sweep_says_so_instead_of_an_empty_progress_bar(tmp_path, capfd):
+    sweep = make_sweep({**GOOD, "seed": [0, 1]})
+    sweep.run(tmp_path, progress=False)
+    capfd.readouterr()
+    sweep.run(tmp_path, progress=True)
+    err = capfd.readouterr().err
+    assert "all 2 runs already stored" in err and "0/0" not in err and "%" not in err
+
+
+def test_store_at_a_file_url_is_the_local_store(tmp_path):
+    url = (tmp_path / "by url").as_uri()  # file:///.../by%20url
+    sweep = make_sweep({**GOOD, "seed": [0, 1, 2]})
+    first = sweep.run(url, chunk_size=2, progress=False)
+    assert len(list((tmp_path / "by url" / "runs").glob("chunk-*.parquet"))) == 2
+    assert_same_rows(sweep.run(str(tmp_path / "by url"), chunk_size=2, progress=False), first)  # resumed
+    assert_same_rows(ms.sweep.load_results(url), first.sort_values("run_id").reset_index(drop=True))
+
+
+def test_store_on_an_fsspec_filesystem_resumes_and_heals(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://mirrorsym-test/{tmp_path.name}"
+    sweep = make_sweep({**GOOD, "seed": [0, 1, 2]})
+    first = sweep.run(url, chunk_size=2, progress=False)
+    fs = fsspec.filesystem("memory")
+    chunks = sorted(p for p in fs.ls(f"/mirrorsym-test/{tmp_path.name}/runs", detail=False) if p.endswith(".parquet"))
+    assert len(chunks) == 2
+    with pytest.warns(UserWarning, match="damaged.*moved it aside"):
+        fs.pipe(chunks[0], fs.cat(chunks[0])[:-8] + b"garbage!")
+        healed = sweep.run(url, chunk_size=2, progress=False)
+    assert_same_rows(healed, first)
+    assert_same_rows(ms.sweep.load_results(url), first.sort_values("run_id").reset_index(drop=True))
+    fs.rm(f"/mirrorsym-test/{tmp_path.name}", recursive=True)
+
+
+def test_chunks_are_cut_for_the_workers():
+    configs = ms.sweep.expand_grid({"lr": 0.1, "seed": list(range(60)), "batch_size": 8, "steps": 3})
+    assert [len(c) for c in ms.sweep.plan_chunks(configs, 128)] == [60]
+    assert [len(c) for c in ms.sweep.plan_chunks(configs, 128, workers=2)] == [30, 30]
+    assert [len(c) for c in ms.sweep.plan_chunks(configs, 16, workers=3)] == [16, 16, 16, 12]  # as local
+    assert [len(c) for c in ms.sweep.plan_chunks(configs[:5], 2, workers=4)] == [2, 1, 1, 1]
+    assert [c["seed"] for ch in ms.sweep.plan_chunks(configs, 7, workers=5) for c in ch] == list(range(60))

@@ -1,15 +1,17 @@
 """Layer 5: train many copies at once (torch.func vmap), store the results, resume, scale out with Ray.
 
 Entry points: :class:`Sweep` (``.run(out_dir, backend="local"|"ray", address=None, device="auto",
-chunk_size=128) -> DataFrame``) and :func:`load_results`. Conventions: ``weight_decay`` is torch's
-coupled λ, i.e. γ = λ/2 in L + γ‖θ‖² (THEORY.md §0); every random draw of a run is a function of its
-seed (:mod:`mirrorsym.sweep.rng`), so a plain PyTorch loop reproduces any run
+chunk_size=128) -> DataFrame``; ``out_dir`` a path or a filesystem URL) and :func:`load_results`.
+Optimizers: SGD (momentum, Nesterov), Adam, AdamW, step/cosine schedules and gradient clipping
+(:mod:`mirrorsym.sweep.config`). Conventions: ``weight_decay`` is torch's coupled λ, i.e. γ = λ/2 in
+L + γ‖θ‖² (THEORY.md §0), except for AdamW (decoupled decay: no penalty); every random draw of a run is
+a function of its seed (:mod:`mirrorsym.sweep.rng`), so a plain PyTorch loop reproduces any run
 (:func:`mirrorsym.sweep.reference.train_plain`).
 """
 
 from . import rng
 from .config import OPTIONS, STANDARD, expand_grid, register_option, run_id
-from .engine import resolve_device, train_chunk
+from .engine import UnsupportedModel, resolve_device, train_chunk
 from .reference import train_plain
 from .store import ResultStore, load_results
 from .sweep import Sweep, plan_chunks
@@ -19,6 +21,7 @@ __all__ = [
     "STANDARD",
     "ResultStore",
     "Sweep",
+    "UnsupportedModel",
     "expand_grid",
     "load_results",
     "plan_chunks",

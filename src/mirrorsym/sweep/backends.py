@@ -7,6 +7,13 @@ driver process: ``local`` claims each chunk just before training it, so processe
 interleave; ``ray`` claims every chunk it can before sending any and frees each as its file is written.
 Chunks claimed by another live process are skipped; both functions return the chunks they trained.
 
+**Parallelism.** With Ray, :meth:`Sweep.run <mirrorsym.sweep.Sweep.run>` connects first
+(:func:`ray_session`), counts the tasks the cluster runs at once (:func:`ray_workers`: CPUs per task,
+or GPUs with ``ray_options={"num_gpus": 1}``) and cuts the sweep into at least that many chunks (none
+larger than ``chunk_size``), so every worker trains a share: a 60-run sweep on 2 CPUs is 2 chunks of 30
+running side by side. Each task gets ``num_cpus=1`` (Ray then gives torch one thread) unless
+``ray_options`` says otherwise.
+
 ``backend="ray"`` with ``address=None`` starts a local Ray instance (``ray.init()``) and shuts it down
 afterwards; ``address="auto"`` joins the cluster this machine belongs to and ``"ray://host:10001"`` a
 remote one (the CLI's ``--backend ray --address ADDR`` mean exactly this). If Ray is already
@@ -17,7 +24,8 @@ cloudpickle: define them at the top of an importable module (installed on the wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from .config import run_id
 from .engine import Problem, train_chunk
@@ -78,6 +86,37 @@ def _train_chunk_task(problem: Problem, chunk: Chunk, device) -> list[dict]:
     return train_chunk(problem, chunk, device)
 
 
+def _task_options(ray_options: dict | None) -> dict:
+    return {"num_cpus": 1, "max_retries": 0, **(ray_options or {})}
+
+
+def ray_workers(ray_options: dict | None = None) -> int:
+    """How many chunk tasks the connected Ray cluster runs at once: its CPUs per task's ``num_cpus``
+    (and GPUs per ``num_gpus`` if the tasks ask for GPUs), at least 1."""
+    ray = _import_ray()
+    resources = ray.cluster_resources()
+    options = _task_options(ray_options)
+    counts = [resources.get(kind, 0.0) / options[key]
+              for key, kind in (("num_cpus", "CPU"), ("num_gpus", "GPU")) if options.get(key)]
+    return max(1, int(min(counts))) if counts else 1
+
+
+@contextmanager
+def ray_session(address: str | None = None, ray_options: dict | None = None) -> Iterator[int]:
+    """Connect to Ray for a whole sweep (``address`` as in the module docstring; an instance already
+    initialised in this process is used as is, and left running) and yield :func:`ray_workers`, which
+    :func:`~mirrorsym.sweep.plan_chunks` uses to cut the sweep into at least that many chunks."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray_workers(ray_options)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_ray(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, device, advance: Progress,
             on_chunk: Callable[[Chunk], None], address: str | None = None,
             ray_options: dict | None = None) -> list[Chunk]:
@@ -107,8 +146,7 @@ def _run_ray_claimed(problem, chunks, claims, store, device, advance, on_chunk, 
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     trained = []
     try:
-        options = {"num_cpus": 1, "max_retries": 0, **(ray_options or {})}
-        task = ray.remote(_train_chunk_task).options(**options)
+        task = ray.remote(_train_chunk_task).options(**_task_options(ray_options))
         problem_ref = ray.put(problem)
         pending = {task.remote(problem_ref, list(chunks[i]), device): i for i in claims}
         try:

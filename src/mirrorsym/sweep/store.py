@@ -30,15 +30,26 @@ The kernel drops the lock when its process dies, ``kill -9`` included, so a clai
 process is simply taken over and pid reuse cannot keep it alive. Two processes on one directory thus
 split the chunks between them; see :meth:`ResultStore.claim`. Without ``fcntl`` (not POSIX) a claim is a
 file created with ``O_CREAT | O_EXCL`` holding the pid, taken over when that pid no longer runs.
+
+**Where.** ``out_dir`` is a local path, a ``file://`` URL (the same local store), or any other URL that
+pyarrow (``s3://``, ``gs://``, ``hdfs://``, …) or fsspec (``memory://``, ``gcs://``, ``abfs://``, …, if
+installed) opens: a *remote* store. It keeps the layout, the checksums and the healing above; each file
+is written to a temporary name and then moved into place (on object stores the final object appears
+whole or not at all). What it cannot keep: ``flock`` claims and fsync. So one process at a time should
+run a sweep into a remote store; a second one duplicates work rather than corrupting anything (the
+chunks are deterministic, and a mismatched chunk/checksum pair is detected and retrained).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
 import os
+import posixpath
 import socket
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +59,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.io import atomic_write, move_aside, remove_stale_temporaries
+from ..core.io import CORRUPT_SUFFIX, TMP_SUFFIX, atomic_write, move_aside, remove_stale_temporaries
 from .config import STANDARD
 
 try:
@@ -108,11 +119,165 @@ class Claim:
         self.fd = -1
 
 
+class RemotePath:
+    """A file or folder on a ``pyarrow.fs`` filesystem with the few ``pathlib.Path`` methods the store
+    uses; ``str()`` gives its URL (for messages)."""
+
+    def __init__(self, fs, path: str, url: str):
+        self.fs, self.path, self.url = fs, path.rstrip("/") or "/", url.rstrip("/")
+
+    def __truediv__(self, name: str) -> RemotePath:
+        return RemotePath(self.fs, posixpath.join(self.path, name), f"{self.url}/{name}")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.url < other.url
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(self.fs, posixpath.dirname(self.path), self.url.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> RemotePath:
+        return self.parent / name
+
+    def _info(self):
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info().type == pafs.FileType.Directory
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.fs.create_dir(self.path, recursive=parents)
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def glob(self, pattern: str) -> list[RemotePath]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((self / posixpath.basename(i.path) for i in infos
+                       if i.type == pafs.FileType.File and fnmatch.fnmatchcase(posixpath.basename(i.path), pattern)),
+                      key=str)
+
+    def iterdir(self) -> list[RemotePath]:
+        return self.glob("*")
+
+    def stat_key(self) -> tuple | None:
+        """(size, mtime) if the filesystem reports an mtime, else None (then nothing is cached)."""
+        info = self._info()
+        if info.size is None:
+            raise FileNotFoundError(self.url)
+        return None if info.mtime_ns is None else (info.size, info.mtime_ns)
+
+    def replace_with(self, data: bytes) -> None:
+        """Write ``data`` to a temporary name beside this file, then move it into place."""
+        tmp = self.with_name(f".{self.name}.{os.getpid()}{TMP_SUFFIX}")
+        tmp.write_bytes(data)
+        self.fs.move(tmp.path, self.path)
+
+    def move_aside(self) -> RemotePath | None:
+        """:func:`mirrorsym.core.io.move_aside` for a remote file."""
+        target = self.with_name(self.name + CORRUPT_SUFFIX)
+        i = 0
+        while target.exists():
+            i += 1
+            target = self.with_name(f"{self.name}{CORRUPT_SUFFIX}.{i}")
+        try:
+            self.fs.move(self.path, target.path)
+        except FileNotFoundError:
+            return None
+        return target
+
+
+def store_location(out_dir: str | os.PathLike) -> Path | RemotePath:
+    """A local ``Path`` for a path or ``file://`` URL, else a :class:`RemotePath` opened with pyarrow, or
+    with fsspec for schemes pyarrow does not know."""
+    if not isinstance(out_dir, str) or "://" not in out_dir:
+        return Path(out_dir)
+    parsed = urllib.parse.urlparse(out_dir)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"mirrorsym.sweep: {out_dir!r} names a file on another host; use a path on this "
+                             "machine (file:///path) or a remote filesystem URL")
+        return Path(urllib.parse.unquote(parsed.path))
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(out_dir)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as arrow_error:
+        try:
+            import fsspec
+        except ImportError:
+            raise ValueError(f"mirrorsym.sweep: pyarrow cannot open {out_dir!r} ({arrow_error}); for other "
+                             "filesystems install fsspec and its backend (pip install fsspec s3fs ...)") from None
+        try:
+            fs_fsspec, path = fsspec.core.url_to_fs(out_dir)
+        except Exception as exc:
+            raise ValueError(f"mirrorsym.sweep: cannot open the store {out_dir!r}: pyarrow says {arrow_error}; "
+                             f"fsspec says {exc}") from exc
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs_fsspec))
+    return RemotePath(fs, path, out_dir)
+
+
+def _write(path: Path | RemotePath, data: bytes | str) -> None:
+    if isinstance(path, RemotePath):
+        path.replace_with(data.encode() if isinstance(data, str) else data)
+    else:
+        atomic_write(path, data)
+
+
+def _move_aside(path: Path | RemotePath):
+    return path.move_aside() if isinstance(path, RemotePath) else move_aside(path)
+
+
 class ResultStore:
-    """Append-only, self-verifying store of finished runs in ``out_dir`` (see the module docstring)."""
+    """Append-only, self-verifying store of finished runs in ``out_dir`` (see the module docstring): a
+    local path, a ``file://`` URL or a pyarrow/fsspec filesystem URL."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.root = Path(out_dir)
+        self.root = store_location(out_dir)
+        self.remote = isinstance(self.root, RemotePath)
         self.runs = self.root / RUNS
         self.meta: dict | None = None
         self._stored_meta: dict | None = None
@@ -139,7 +304,7 @@ class ResultStore:
             if not heal:
                 raise ValueError(f"mirrorsym.sweep: {path} is damaged ({reason}); rerun the sweep to rebuild "
                                  "it (its verified chunks are kept)") from exc
-            moved = move_aside(path)
+            moved = _move_aside(path)
             warnings.warn(f"mirrorsym.sweep: {path} is damaged ({reason}); moved it aside to {moved} and "
                           "writing a new one (the chunks keep their own checksums and are reused)",
                           stacklevel=3)
@@ -157,9 +322,10 @@ class ResultStore:
         ``fingerprint`` must equal the stored ones (else ``ValueError``: another sweep's directory).
         """
         self.runs.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.root)
-        remove_stale_temporaries(self.runs)
-        self._tidy_claims_and_checksums()
+        if not self.remote:  # remote: no pids to check and no claims to tidy (see the module docstring)
+            remove_stale_temporaries(self.root)
+            remove_stale_temporaries(self.runs)
+            self._tidy_claims_and_checksums()
         old = self.read_meta()
         ident = {k: v for k, v in meta.items() if k != "fingerprint"}
         if old is not None:
@@ -179,7 +345,7 @@ class ResultStore:
     def write_meta(self) -> None:
         """Write the ``meta`` given to :meth:`open` to ``sweep.json`` (if it differs from the file)."""
         if self.meta is not None and self.meta != self._stored_meta:
-            atomic_write(self.root / META, json.dumps(self.meta, indent=1, sort_keys=True))
+            _write(self.root / META, json.dumps(self.meta, indent=1, sort_keys=True))
             self._stored_meta = self.meta
 
     @property
@@ -213,6 +379,8 @@ class ResultStore:
         return self._claim_path(self.runs / (chunk_name(run_ids) + CLAIM_SUFFIX))
 
     def _claim_path(self, path: Path) -> Claim | None:
+        if self.remote:  # no locks on remote filesystems: a claim that holds nothing
+            return Claim(path, -1)
         if fcntl is None:  # pragma: no cover - not POSIX
             return self._claim_exclusive(path)
         while True:
@@ -258,6 +426,8 @@ class ResultStore:
     def claim_owners(self, run_ids_of_chunks: Iterable[Iterable[str]]) -> list[str]:
         """``"pid P on HOST"`` for each chunk claim that exists (for waiting messages)."""
         owners = []
+        if self.remote:
+            return owners
         for ids in run_ids_of_chunks:
             owner = claim_owner(self.runs / (chunk_name(ids) + CLAIM_SUFFIX))
             if owner is not None:
@@ -285,8 +455,8 @@ class ResultStore:
         data = buf.getvalue()
         checksum = {"format": FORMAT, "file": path.name, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(), "run_ids": ids, "fingerprint": self.fingerprint}
-        atomic_write(_sum_path(path), json.dumps(checksum, indent=1))
-        atomic_write(path, data)
+        _write(_sum_path(path), json.dumps(checksum, indent=1))
+        _write(path, data)
         return path
 
     def _verify(self, path: Path) -> ChunkInfo:
@@ -332,7 +502,7 @@ class ResultStore:
             try:
                 key = _stat_key(path)
                 cached = self._verified.get(path)
-                if cached is not None and cached[0] == key:
+                if cached is not None and key is not None and cached[0] == key:
                     good.append(cached[1])
                     continue
                 info = self._verify(path)
@@ -348,11 +518,11 @@ class ResultStore:
         return good
 
     def _move_aside(self, path: Path, reason: str) -> None:
-        moved = move_aside(path)
+        moved = _move_aside(path)
         if moved is None:
             return  # another process got there first and reported it
         sum_path = _sum_path(path)
-        moved_sum = move_aside(sum_path) if sum_path.exists() else None
+        moved_sum = _move_aside(sum_path) if sum_path.exists() else None
         also = f" (and its checksum file to {moved_sum.name})" if moved_sum else ""
         warnings.warn(f"mirrorsym.sweep: chunk file {path} is damaged ({reason}); moved it aside to {moved.name}"
                       f"{also}; its runs will be trained again", stacklevel=4)
@@ -373,7 +543,8 @@ class ResultStore:
             if wanted is not None and wanted.isdisjoint(info.run_ids):
                 continue
             try:
-                tables.append(pq.read_table(info.path).to_pandas())
+                source = pa.BufferReader(info.path.read_bytes()) if self.remote else info.path
+                tables.append(pq.read_table(source).to_pandas())
             except FileNotFoundError:
                 continue  # moved aside by another process since the scan; its runs get retrained
         if not tables:
@@ -387,11 +558,15 @@ class ResultStore:
         return df.sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
-def _sum_path(chunk: Path) -> Path:
+def _sum_path(chunk: Path | RemotePath) -> Path | RemotePath:
     return chunk.with_name(chunk.name + SUM_SUFFIX)
 
 
-def _stat_key(path: Path) -> tuple:
+def _stat_key(path: Path | RemotePath) -> tuple | None:
+    """What identifies a verified chunk and its checksum file unchanged; None: cannot tell (re-verify)."""
+    if isinstance(path, RemotePath):
+        keys = (path.stat_key(), _sum_path(path).stat_key() if _sum_path(path).exists() else ())
+        return None if None in keys else keys
     s, c = os.stat(path), os.stat(_sum_path(path)) if _sum_path(path).exists() else None
     return (s.st_ino, s.st_size, s.st_mtime_ns, c and (c.st_ino, c.st_size, c.st_mtime_ns))
 

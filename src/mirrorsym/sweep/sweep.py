@@ -29,6 +29,7 @@ caches), not hashed; pass settings as arguments, tuples, tensors or ``functools.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -53,7 +54,7 @@ from torch import nn
 from ..core.io import source_tree_hash
 from . import backends
 from .config import OPTIONS, check_against_data, expand_grid, run_id
-from .engine import Problem, check_trainable, program_key, train_chunk
+from .engine import Problem, UnsupportedModel, check_trainable, program_key, train_chunk
 from .store import ResultStore
 
 BACKENDS = ("local", "ray")
@@ -305,19 +306,20 @@ def plan_chunks(configs: Sequence[dict], chunk_size: int, workers: int = 1) -> l
     """Group configs by :func:`~mirrorsym.sweep.engine.program_key` (batch size, steps, optimizer,
     Nesterov, clipping on/off) in order of first appearance, then cut each group into consecutive chunks.
 
-    ``workers == 1``: chunks of ``chunk_size`` (the last one shorter). ``workers > 1`` (Ray): each group
-    is cut into at least ``min(workers, len(group))`` chunks of balanced sizes, none above ``chunk_size``,
-    so that every worker gets work. Deterministic for given arguments, so a rerun with the same
-    ``chunk_size`` (and worker count) meets the very same chunks."""
+    Each group is cut into chunks of ``chunk_size`` (the last one shorter), as the local backend does.
+    With ``workers > 1`` (Ray) a group that this cuts into fewer than ``workers`` chunks is cut instead
+    into ``min(workers, len(group))`` chunks of balanced sizes, so that every worker gets a share.
+    Deterministic for given arguments, so a rerun with the same ``chunk_size`` (and worker count) meets
+    the very same chunks."""
     groups: dict[tuple, list[dict]] = {}
     for c in configs:
         groups.setdefault(program_key(c), []).append(c)
     chunks = []
     for g in groups.values():
-        if workers <= 1:
+        if -(-len(g) // chunk_size) >= min(workers, len(g)):
             chunks += [g[i : i + chunk_size] for i in range(0, len(g), chunk_size)]
             continue
-        count = max(-(-len(g) // chunk_size), min(workers, len(g)))
+        count = min(workers, len(g))
         size, extra = divmod(len(g), count)
         start = 0
         for i in range(count):
@@ -438,6 +440,8 @@ class Sweep:
         trial = dict(self.configs[0], steps=1)
         try:
             train_chunk(problem, [trial], device)
+        except UnsupportedModel:
+            raise  # already names the module and the fix
         except Exception as exc:
             raise RuntimeError(f"mirrorsym.sweep: a one-step trial of config {trial} failed: {exc}") from exc
 
@@ -446,15 +450,18 @@ class Sweep:
             wait_timeout: float = 3600.0) -> pd.DataFrame:
         """Train every run not yet in ``out_dir`` and return this sweep's rows in grid order.
 
-        ``backend="local"`` trains the chunks in this process; ``"ray"`` sends them as Ray tasks to the
-        cluster at ``address`` (None: start a local instance; see :mod:`mirrorsym.sweep.backends`).
-        ``device``: "auto" (CUDA if available, else CPU), or e.g. "cpu", "cuda:1"; on Ray it is resolved
-        on each worker. ``chunk_size``: copies per vmapped step (lower it if memory runs out). Finished
-        chunks are written atomically with a checksum; rerunning resumes. With the same ``chunk_size`` a
-        resumed sweep meets the very same chunks and its rows are bit-identical to an uninterrupted run's;
-        another ``chunk_size`` regroups the remaining runs (results then agree to round-off, as vmapped
-        matmuls may block differently for another K). Ctrl-C stops after saving what is finished and
-        re-raises ``KeyboardInterrupt``.
+        ``out_dir``: a local path, a ``file://`` URL, or a pyarrow/fsspec filesystem URL (``s3://...``;
+        see :mod:`mirrorsym.sweep.store` for what a remote store guarantees). ``backend="local"`` trains
+        the chunks in this process; ``"ray"`` sends them as Ray tasks to the cluster at ``address`` (None:
+        start a local instance; see :mod:`mirrorsym.sweep.backends`), cut into at least as many chunks as
+        the cluster runs tasks at once. ``device``: "auto" (CUDA if available, else CPU), or e.g. "cpu",
+        "cuda:1"; on Ray it is resolved on each worker. ``chunk_size``: most copies per vmapped step
+        (lower it if memory runs out). Finished chunks are written atomically with a checksum; rerunning
+        resumes. With the same ``chunk_size`` (and on Ray the same number of workers) a resumed sweep
+        meets the very same chunks and its rows are bit-identical to an uninterrupted run's; otherwise
+        the remaining runs are regrouped (results then agree to round-off, as vmapped matmuls may block
+        differently for another K; minibatches and noise depend on each run's seed and step only). Ctrl-C
+        stops after saving what is finished and re-raises ``KeyboardInterrupt``.
 
         Stored rows are reused only for the very same inputs (see :meth:`fingerprint`); with other data,
         model factory, loss or metrics every run is trained again and a warning names what changed. A
@@ -486,11 +493,18 @@ class Sweep:
             self._trial(problem, device if backend == "local" else "cpu")
         store.write_meta()
         console = Console(stderr=True, quiet=not progress)
+        if not todo:
+            console.print(f"sweep {self.name!r}: all {len(self)} runs already stored in {store.root}",
+                          markup=False, highlight=False)
         start = time.perf_counter()
         counts = {"done": 0}
-        with Progress(TextColumn("[bold]sweep[/] {task.description}"), BarColumn(),
-                      TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=console, disable=not progress) as bar:
+        with contextlib.ExitStack() as stack:
+            workers = 1
+            if backend == "ray" and todo:
+                workers = stack.enter_context(backends.ray_session(address, ray_options))
+            bar = stack.enter_context(Progress(
+                TextColumn("[bold]sweep[/] {task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress or not todo))
             task = bar.add_task(f"0/{len(todo)} runs", total=sum(c["steps"] for c in todo))
 
             def advance(copy_steps: int) -> None:
@@ -512,7 +526,8 @@ class Sweep:
                     print(message, file=sys.stderr)
 
             try:
-                df = self._train_until_complete(problem, store, ids, chunk_size, train, wait_timeout, say)
+                df = self._train_until_complete(problem, store, ids, chunk_size, train, wait_timeout, say,
+                                                workers)
             except KeyboardInterrupt:
                 saved = len(set(ids) & finished) + counts["done"]
                 console.print(f"[yellow]sweep interrupted[/]: {saved}/{len(self)} runs saved in "
@@ -522,7 +537,8 @@ class Sweep:
         return df
 
     def _train_until_complete(self, problem: Problem, store: ResultStore, ids: list[str], chunk_size: int,
-                              train: Callable, wait_timeout: float, say: Callable[[str], None]) -> pd.DataFrame:
+                              train: Callable, wait_timeout: float, say: Callable[[str], None],
+                              workers: int = 1) -> pd.DataFrame:
         """Train what is neither stored nor claimed by another live process, wait for what is, and repeat
         until every run is stored and verified; returns the rows in grid order."""
         attempts: Counter[str] = Counter()
@@ -539,7 +555,7 @@ class Sweep:
                     raise RuntimeError(f"mirrorsym.sweep: {store.runs} keeps losing verified chunks while they "
                                        "are loaded; is another program changing it?")
                 continue
-            chunks = plan_chunks(todo, chunk_size)
+            chunks = plan_chunks(todo, chunk_size, workers)
             trained = train(chunks)
             for chunk in trained:
                 path = store.chunk_path(run_id(problem.name, c) for c in chunk)

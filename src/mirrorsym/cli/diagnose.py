@@ -56,13 +56,12 @@ def diagnose(
             rows = rows.to(ref.dtype)
     x = example_inputs(net, rows if rows is not None else own, InputSpec(input_shape, input_dtype, input_high))
     check_forward(net, x, model)
-    if probe is not None and probe[1] is None:
-        probe = probe[0]
+    probe_set = probe[0] if probe is not None and probe[1] is None else probe  # unlabelled: inputs only
     out = require_writable_dir(out, "--out")  # after the quick checks: a mistake leaves no empty folder
     console = Console()
     with console.status("finding symmetries ..."):
         smap = default_symmetries(net, x)
-    rep = run_diagnose(net, x, data=probe, symmetries=smap, classifier=classifier, progress=True)
+    rep = run_diagnose(net, x, data=probe_set, symmetries=smap, classifier=classifier, progress=True)
     rep.to_pandas().to_csv(out / "groups.csv", index=False)
     if rep.activations is not None:
         rep.activations.to_csv(out / "activations.csv", index=False)
@@ -77,6 +76,7 @@ def load_data(spec: str | None, model: nn.Module) -> tuple[torch.Tensor, torch.T
     """``(x, y or None)`` from ``--data`` (see the module docstring), or None without it."""
     if spec is None:
         return None
+    y: torch.Tensor | None
     if spec == "digits":
         from ..experiments.data import digits
 

@@ -9,18 +9,21 @@ exception that escapes a command is shown the same way, with its type and a hint
 
 from __future__ import annotations
 
+import importlib
 import sys
 import tempfile
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
 try:  # typer >= 0.16 ships its own copy of click
-    from typer._click import exceptions as _click_exceptions
+    _click_exceptions = importlib.import_module("typer._click.exceptions")
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as _click_exceptions
+    _click_exceptions = importlib.import_module("click.exceptions")
 
 EXIT_USER_ERROR = 2
 
@@ -82,7 +85,7 @@ class ErrorStyleGroup(TyperGroup):
     one-line error; ``main`` does the same for click's usage errors (unknown option, bad choice, missing
     argument), which typer would otherwise print as a boxed panel."""
 
-    def invoke(self, ctx):
+    def invoke(self, ctx: Any) -> Any:  # ctx: a click Context (typer's own copy of click, or click)
         try:
             return super().invoke(ctx)
         except _PASS_THROUGH:
@@ -93,11 +96,19 @@ class ErrorStyleGroup(TyperGroup):
             print_error(describe(exc))
             raise typer.Exit(EXIT_USER_ERROR) from exc
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         set_debug(False)  # one process may run several commands (tests): never inherit --debug
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                              standalone_mode=False, **extra)
+                              standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
             code = rv if isinstance(rv, int) else 0  # non-standalone click returns the exit code of Exit
         except _click_exceptions.NoArgsIsHelpError as exc:
             text = exc.format_message()

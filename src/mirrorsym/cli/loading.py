@@ -44,13 +44,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 from torch import nn
 
 from .errors import UserError, one_line
+
+if TYPE_CHECKING:
+    from ..detect.smap import ExampleInputs
 
 TORCHVISION_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -124,7 +127,7 @@ def _torchvision():
     return torchvision
 
 
-def load_model(spec: str, trust_pickle: bool = False) -> tuple[nn.Module, object]:
+def load_model(spec: str, trust_pickle: bool = False) -> tuple[nn.Module, ExampleInputs | None]:
     """``(model, example_inputs or None)`` for MODEL ``spec``, resolved as the module docstring says."""
     from ..detect.examples import EXAMPLES, example
 
@@ -252,6 +255,8 @@ def _import_module(where: str, spec: str):
             raise UserError(f"MODEL {spec}: file {where} does not exist")
         name = f"_mirrorsym_model_{file.stem}"
         mspec = importlib.util.spec_from_file_location(name, file)
+        if mspec is None or mspec.loader is None:
+            raise UserError(f"MODEL {spec}: {where} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(mspec)
         sys.modules[name] = module  # dataclasses and pickling look classes up by module name
         folder = str(file.resolve().parent)
@@ -284,7 +289,7 @@ def _import_module(where: str, spec: str):
             sys.path.remove(os.getcwd())
 
 
-def _from_factory(spec: str) -> tuple[nn.Module, object]:
+def _from_factory(spec: str) -> tuple[nn.Module, ExampleInputs | None]:
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise UserError(f"MODEL {spec}: write package.module:name or path/to/file.py:name")
@@ -439,7 +444,9 @@ def make_input(model: nn.Module, shape: tuple[int, ...], dtype: str | None, high
     return torch.randint(0, high, shape, generator=gen)
 
 
-def example_inputs(model: nn.Module, default, inputs: InputSpec, what: str = "MODEL"):
+def example_inputs(
+    model: nn.Module, default: ExampleInputs | None, inputs: InputSpec, what: str = "MODEL"
+) -> ExampleInputs:
     """The example input: built from ``inputs`` if given (shape from ``default`` when only the dtype or
     ``high`` is given), else ``default``; a UserError when neither says what the model eats."""
     dtype = inputs.dtype.value if isinstance(inputs.dtype, InputDtype) else inputs.dtype
@@ -478,7 +485,7 @@ def check_weights(model: nn.Module, spec: str) -> None:
                                 "fix the weights (or --checkpoint) before analysing them")
 
 
-def check_forward(model: nn.Module, inputs, spec: str) -> None:
+def check_forward(model: nn.Module, inputs: ExampleInputs, spec: str) -> None:
     """Run ``model(*inputs)`` once (eval mode, no grad; the mode is restored) so that a wrong input shape
     or dtype, or a broken forward, is reported as one line before any analysis starts."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -499,7 +506,9 @@ def check_forward(model: nn.Module, inputs, spec: str) -> None:
         raise UserError(f"MODEL {spec}: its output on the example input {desc} holds NaN/Inf values")
 
 
-def load(spec: str, checkpoint: Path | None = None, trust_pickle: bool = False) -> tuple[nn.Module, object]:
+def load(
+    spec: str, checkpoint: Path | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, ExampleInputs | None]:
     """MODEL with ``--checkpoint`` loaded into it and its weights checked: ``(model, own example input)``."""
     model, own = load_model(spec, trust_pickle)
     if checkpoint is not None:
@@ -509,7 +518,7 @@ def load(spec: str, checkpoint: Path | None = None, trust_pickle: bool = False) 
 
 
 def prepare(spec: str, inputs: InputSpec, checkpoint: Path | None = None,
-            trust_pickle: bool = False) -> tuple[nn.Module, object]:
+            trust_pickle: bool = False) -> tuple[nn.Module, ExampleInputs]:
     """:func:`load`, then the example input (:func:`example_inputs`), checked by one forward pass:
     ``(model, example_inputs)``."""
     model, own = load(spec, checkpoint, trust_pickle)

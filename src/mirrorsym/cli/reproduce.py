@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -58,7 +59,15 @@ def reproduce(
     raise typer.Exit(code)
 
 
-def validate(names, size, out, device, backend, address, data_dir):
+def validate(
+    names: Sequence[str] | None,
+    size: str,
+    out: Path,
+    device: str,
+    backend: str,
+    address: str | None,
+    data_dir: Path | None,
+) -> tuple[list[str], Path, Path | None, list[str]]:
     """Check every argument of a reproduction (see the module docstring); ``(names, out, data_dir,
     warnings)`` or a UserError naming the argument and the fix."""
     from ..report import runner
@@ -80,7 +89,7 @@ def validate(names, size, out, device, backend, address, data_dir):
                         "(or use --backend local)")
     if address is not None and backend != "ray":
         raise UserError("--address is a Ray cluster address: use it with --backend ray")
-    notes = []
+    notes: list[str] = []
     if data_dir is not None:
         data_dir, notes = check_data_dir(Path(data_dir), chosen, reg, size)
     out = require_writable_dir(out, "--out")  # last: a mistake above leaves no empty folder behind
@@ -93,7 +102,7 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def check_data_dir(data_dir: Path, chosen: list[str], reg: dict, size: str) -> tuple[Path, list[str]]:
+def check_data_dir(data_dir: Path, chosen: list[str], reg: dict[str, Any], size: str) -> tuple[Path, list[str]]:
     """Validate ``--data-dir`` for the chosen experiments at ``size``: ``(resolved folder, warnings)``.
 
     A data set that an experiment would read must be either absent (the experiment then skips that
@@ -105,14 +114,14 @@ def check_data_dir(data_dir: Path, chosen: list[str], reg: dict, size: str) -> t
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; point it at the folder holding "
                         f"{LAYOUTS['cifar10']} and/or {LAYOUTS['mnist']}")
-    wanted = {}  # data set -> the experiments that read it
+    wanted: dict[str, list[str]] = {}  # data set -> the experiments that read it
     for name in chosen:
-        flag, dataset = DATA_READERS.get(name, (None, None))
-        if flag is not None and getattr(reg[name].CONFIGS[size], flag, False):
-            wanted.setdefault(dataset, []).append(name)
+        reader = DATA_READERS.get(name)  # (config flag, data set) or None
+        if reader is not None and getattr(reg[name].CONFIGS[size], reader[0], False):
+            wanted.setdefault(reader[1], []).append(name)
     if not wanted:
-        readers = ", ".join(f"{e} ({d})" for e, (_, d) in DATA_READERS.items())
-        return data_dir, [f"--data-dir is read only at --full size, by {readers}; this run does not use it"]
+        by = ", ".join(f"{e} ({d})" for e, (_, d) in DATA_READERS.items())
+        return data_dir, [f"--data-dir is read only at --full size, by {by}; this run does not use it"]
     found = {d: present_files(data_dir, d) for d in wanted}
     if not any(found.values()):
         expected = " and/or ".join(f"{data_dir}/{LAYOUTS[d]}" for d in wanted)

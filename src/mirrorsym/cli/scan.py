@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .loading import CheckpointOpt, InputDtypeOpt, InputHighOpt, InputShapeOpt, InputSpec, ModelArg, TrustPickleOpt
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..detect.smap import SymmetryMap
 
 
 def scan(
@@ -42,7 +47,7 @@ def scan(
         render(smap, model, notes, console)
 
 
-def render(smap, spec: str, notes: list[str], console) -> None:
+def render(smap: SymmetryMap, spec: str, notes: list[str], console: Console) -> None:
     """A rich table: kind, size, layers, parameters moved, verification error; then the warnings and a
     total line."""
     from rich.table import Table

@@ -16,6 +16,15 @@ def describe(module: nn.Module) -> str:
     return f"{type(module).__name__}({extra})" if len(extra) < 60 else type(module).__name__
 
 
+def parametrization_chain(module: nn.Module, name: str) -> parametrize.ParametrizationList:
+    """``module.parametrizations[name]``, checked (``nn.Module`` attributes are typed ``Tensor | Module``)."""
+    chains = getattr(module, "parametrizations", None)
+    chain = chains[name] if isinstance(chains, nn.ModuleDict) and name in chains else None
+    if not isinstance(chain, parametrize.ParametrizationList):
+        raise KeyError(f"{describe(module)}.{name} carries no parametrization")
+    return chain
+
+
 def tensor_of(module: nn.Module, name: str, *, allow_parametrized: bool = False) -> torch.Tensor:
     """The parameter ``module.<name>``, refusing names that are missing or not parameters."""
     if not isinstance(module, nn.Module):
@@ -26,7 +35,7 @@ def tensor_of(module: nn.Module, name: str, *, allow_parametrized: bool = False)
         if not allow_parametrized:
             raise ValueError(
                 f"{describe(module)}.{name} already has a parametrization "
-                f"({[type(p).__name__ for p in module.parametrizations[name]]}); remove it first with "
+                f"({[type(p).__name__ for p in parametrization_chain(module, name)]}); remove it first with "
                 f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})"
             )
         return getattr(module, name)

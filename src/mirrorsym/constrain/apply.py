@@ -12,13 +12,16 @@ tensor and ``<path>.parametrizations.<name>.<i>.gate`` for the (shared) gate.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.finite import check_materialized
-from ..detect import Permutation
-from ._checks import warn_if_in_optimizer
+from ..detect import Permutation, SymmetryMap
+from ..detect.smap import ExampleInputs
+from ._checks import parametrization_chain, warn_if_in_optimizer
 from .parametrizations import low_rank, sparse
 from .units import BATCHNORMS, CONVS, merged_members, unit_groups
 
@@ -27,7 +30,9 @@ class UnitGate(nn.Module):
     """θ = w · s[unit(i)] along ``dim`` (entries of no unit keep factor 1). ``gate`` may be shared by the
     parametrizations of several tensors (one group). Gates start at 1, so registration is the identity."""
 
-    def __init__(self, gate: nn.Parameter, dim: int, ndim: int, unit_of_entry: torch.Tensor):
+    unit_of_entry: torch.Tensor  # a buffer
+
+    def __init__(self, gate: nn.Parameter, dim: int, ndim: int, unit_of_entry: torch.Tensor) -> None:
         super().__init__()
         self.gate, self.dim, self.ndim = gate, dim, ndim
         self.register_buffer("unit_of_entry", unit_of_entry)
@@ -62,7 +67,7 @@ def _resolve(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
     return module, name
 
 
-def gate_group(model: nn.Module, group: Permutation, optimizer=None) -> nn.Parameter:
+def gate_group(model: nn.Module, group: Permutation, optimizer: torch.optim.Optimizer | None = None) -> nn.Parameter:
     """Register a shared :class:`UnitGate` on every parameter entry of ``group``; returns the gate."""
     members = [m for m in merged_members(group) if not m[3]]  # buffers (running stats): export slices them
     first_module, first_name = _resolve(model, members[0][0])
@@ -91,7 +96,7 @@ def _refuse_gated(model: nn.Module, groups: list[Permutation]) -> None:
         for name, *_ in merged_members(group):
             module, leaf = _resolve(model, name)
             if parametrize.is_parametrized(module, leaf) and any(
-                isinstance(p, UnitGate) for p in module.parametrizations[leaf]
+                isinstance(p, UnitGate) for p in parametrization_chain(module, leaf)
             ):
                 gated.append(name)
     if gated:
@@ -104,12 +109,12 @@ def _refuse_gated(model: nn.Module, groups: list[Permutation]) -> None:
 
 def apply(
     model: nn.Module,
-    example_inputs=None,
+    example_inputs: ExampleInputs | None = None,
     kind: str = "units",
     *,
-    groups=None,
-    optimizer=None,
-) -> list:
+    groups: SymmetryMap | Iterable[Permutation] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[Permutation] | list[str]:
     """Constrain the whole model (in place; the function is unchanged at registration).
 
     ``kind``:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -31,8 +32,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..detect import Permutation
+from ..detect import Permutation, SymmetryMap
 from ..detect.find import private_class
+from ..detect.smap import ExampleInputs
 from .parametrizations import LowRank
 from .units import BATCHNORMS, CONVS, merged_members, unit_groups
 
@@ -72,7 +74,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _run(model, example_inputs):
+def _run(model: nn.Module, example_inputs: ExampleInputs) -> object:
     with torch.no_grad():
         return model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
 
@@ -156,7 +158,7 @@ def _shrink(model, group: Permutation, dead: list[int]) -> None:
         _replace(module, leaf, t.detach().index_select(dim, keep))
         if isinstance(module, BATCHNORMS) and leaf == "weight" and module.running_mean is not None:
             prefix = name[: -len("weight")]
-            if prefix + "running_mean" not in listed:
+            if prefix + "running_mean" not in listed and module.running_var is not None:  # set with running_mean
                 module.running_mean = module.running_mean.index_select(0, keep)
                 module.running_var = module.running_var.index_select(0, keep)
         _sync_attributes(module)
@@ -217,10 +219,10 @@ def _max_rel_error(y0, y1) -> float:
 
 def export(
     model: nn.Module,
-    example_inputs,
+    example_inputs: ExampleInputs,
     tol: float = 1e-8,
     *,
-    groups=None,
+    groups: SymmetryMap | Iterable[Permutation] | None = None,
     rtol: float = 1e-5,
     split_low_rank: bool = True,
 ) -> ExportResult:

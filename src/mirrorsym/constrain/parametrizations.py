@@ -36,6 +36,7 @@ building the optimizer (pass ``optimizer=`` to get a warning if you did not).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class Sparse(nn.Module):
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return u * v
 
-    def right_inverse(self, theta: torch.Tensor):
+    def right_inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta / self.scale, torch.full_like(theta, self.scale)
 
 
@@ -78,7 +79,7 @@ class GroupSparse(nn.Module):
     def forward(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return w * self._view(s)
 
-    def right_inverse(self, theta: torch.Tensor):
+    def right_inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gates = torch.full((theta.shape[self.dim],), self.scale, dtype=theta.dtype, device=theta.device)
         return theta / self.scale, gates
 
@@ -98,7 +99,7 @@ class LowRank(nn.Module):
     def forward(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return (A @ B.T).reshape(self.shape)
 
-    def right_inverse(self, W: torch.Tensor):
+    def right_inverse(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mat = W.reshape(W.shape[0], -1)
         U, S, Vh = torch.linalg.svd(mat.double() if mat.dtype != torch.float64 else mat, full_matrices=False)
         r = self.rank
@@ -114,6 +115,8 @@ class LinearConstraint(nn.Module):
     (λ/2)‖(I − OOᵀ)θ‖²: the constraint Oᵀθ = 0 holds exactly at a minimum where every |∂L/∂s_i| ≤ λ.
     """
 
+    O: torch.Tensor  # a buffer
+
     def __init__(self, O: torch.Tensor, shape: torch.Size, scale: float = 1.0):
         super().__init__()
         self.shape, self.scale = tuple(shape), positive(scale, "scale")
@@ -126,7 +129,7 @@ class LinearConstraint(nn.Module):
     def forward(self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (self._surface(w) + self.O @ (u * v)).reshape(self.shape)
 
-    def right_inverse(self, theta: torch.Tensor):
+    def right_inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         O = self.O.to(device=theta.device, dtype=theta.dtype)
         s = O.T @ theta.reshape(-1)
         w = self._surface(theta).reshape(self.shape)
@@ -140,14 +143,22 @@ class LinearConstraint(nn.Module):
 DCS_TYPES = (Sparse, GroupSparse, LowRank, LinearConstraint)
 
 
-def _register(module, name, parametrization, tensor, optimizer):
+def _register(
+    module: nn.Module,
+    name: str,
+    parametrization: nn.Module,
+    tensor: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> nn.Module:
     warn_if_in_optimizer(optimizer, tensor, f"{describe(module)}.{name}")
     with torch.no_grad():
         parametrize.register_parametrization(module, name, parametrization)
     return module
 
 
-def sparse(module: nn.Module, name: str = "weight", *, scale: float = 1.0, optimizer=None) -> nn.Module:
+def sparse(
+    module: nn.Module, name: str = "weight", *, scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
     """Elementwise DCS: ``module.<name>`` = u ⊙ v. Coupled ``weight_decay=λ`` on (u, v) is the L1 penalty
     λ‖θ‖₁ (scikit-learn ``Lasso(alpha=λ/2)`` for an MSE loss). Returns ``module``.
 
@@ -160,7 +171,12 @@ def sparse(module: nn.Module, name: str = "weight", *, scale: float = 1.0, optim
 
 
 def group_sparse(
-    module: nn.Module, name: str = "weight", dim: int = 0, *, scale: float = 1.0, optimizer=None
+    module: nn.Module,
+    name: str = "weight",
+    dim: int = 0,
+    *,
+    scale: float = 1.0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """Group DCS: one scalar gate per slice of ``module.<name>`` along ``dim`` (dim 0 of a Linear/Conv
     weight = output units/channels). Coupled ``weight_decay=λ`` is the group lasso λ Σ_i ‖θ_i‖₂.
@@ -172,7 +188,12 @@ def group_sparse(
 
 
 def low_rank(
-    module: nn.Module, name: str = "weight", rank: int | None = None, *, scale: float = 1.0, optimizer=None
+    module: nn.Module,
+    name: str = "weight",
+    rank: int | None = None,
+    *,
+    scale: float = 1.0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """Low-rank DCS: ``module.<name>`` = A Bᵀ (viewed as (shape[0], rest)). Coupled ``weight_decay=λ`` is
     the nuclear-norm penalty λ‖W‖_*, which soft-thresholds the singular values (closed form C).
@@ -217,7 +238,7 @@ def linear(
     *,
     scale: float = 1.0,
     tol: float = ORTHONORMAL_TOL,
-    optimizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
     """General DCS for the linear constraint Oᵀθ = 0 on the flattened ``module.<name>`` (row-major).
 
@@ -289,7 +310,7 @@ def dcs_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def param_groups(model: nn.Module, weight_decay: float, other_weight_decay: float = 0.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, other_weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer param groups: DCS factors with ``weight_decay`` λ, every other parameter with
     ``other_weight_decay`` (default 0: only the constraint is penalised)."""
     nonnegative(weight_decay, "weight_decay")
@@ -297,7 +318,7 @@ def param_groups(model: nn.Module, weight_decay: float, other_weight_decay: floa
     factors = dcs_parameters(model)
     ids = {id(p) for p in factors}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": factors, "weight_decay": weight_decay}]
+    groups: list[dict[str, Any]] = [{"params": factors, "weight_decay": weight_decay}]
     if rest:
         groups.append({"params": rest, "weight_decay": other_weight_decay})
     return groups

@@ -25,10 +25,12 @@ Baselines, same interface: :func:`l2_init` (θ₀ = the weights at the call, D =
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from ._checks import describe, nonnegative, warn_if_in_optimizer
 
@@ -36,7 +38,10 @@ from ._checks import describe, nonnegative, warn_if_in_optimizer
 class Offset(nn.Module):
     """φ = θ₀ + ψ / d (elementwise). ``right_inverse``: ψ = d (φ − θ₀). ``scale=None`` means d = 1."""
 
-    def __init__(self, offset: torch.Tensor, scale: torch.Tensor | None):
+    offset: torch.Tensor  # buffers
+    scale: torch.Tensor | None
+
+    def __init__(self, offset: torch.Tensor, scale: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("offset", offset)
         self.register_buffer("scale", scale)
@@ -67,11 +72,21 @@ class SymmetryRemoval:
     :meth:`remove` undoes the parametrizations (keeping the current values) / detaches the hook.
     """
 
-    def __init__(self, model, mode, offsets, scales, weight_decay, noise, sigmas, seed):
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        offsets: dict[str, torch.Tensor],
+        scales: dict[str, torch.Tensor],
+        weight_decay: float,
+        noise: float,
+        sigmas: dict[str, float],
+        seed: int,
+    ) -> None:
         self.model, self.mode = model, mode
         self.offsets, self.scales, self.sigmas = offsets, scales, sigmas
         self.weight_decay, self.noise, self.seed = weight_decay, noise, int(seed)
-        self._hook = None
+        self._hook: RemovableHandle | None = None
         self._generators: dict[str, torch.Generator] = {}
         self._params = dict(model.named_parameters()) if mode == "optimizer" else {}
         self._uniform = all(bool((d == 1).all()) for d in scales.values())
@@ -92,7 +107,7 @@ class SymmetryRemoval:
         """The decoupled step on every tracked parameter: φ ← φ − lr·λ·d²(φ − θ₀) (+ noise), one fused
         ``lerp`` per optimizer param group (lr is read from the group at each step, so schedulers work)."""
         for step_lr, names in self._batches(lr):
-            params = [self._params[n] for n in names]
+            params: list[torch.Tensor] = [self._params[n] for n in names]
             c = step_lr * self.weight_decay
             if c:
                 if self._uniform:
@@ -107,7 +122,7 @@ class SymmetryRemoval:
                     )
                     p.add_(xi, alpha=step_lr * self.noise * self.sigmas[n])
 
-    def _batches(self, lr):
+    def _batches(self, lr: float | None) -> list[tuple[float, list[str]]]:
         tracked = [n for n in self._params if n in self.offsets]
         if lr is not None:
             return [(lr, tracked)]
@@ -140,8 +155,8 @@ class SymmetryRemoval:
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
-def _targets(model: nn.Module, names) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
-    out = []
+def _targets(model: nn.Module, names: Collection[str] | None) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+    out: list[tuple[str, nn.Module, str, torch.Tensor]] = []
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if names is not None:
         missing = [n for n in names if n not in own]
@@ -162,7 +177,19 @@ def _targets(model: nn.Module, names) -> list[tuple[str, nn.Module, str, torch.T
     return out
 
 
-def _build(model, *, offsets_from, sigma, advanced_eps, seed, mode, weight_decay, noise, params, optimizer):
+def _build(
+    model: nn.Module,
+    *,
+    offsets_from: str,
+    sigma: float,
+    advanced_eps: float,
+    seed: int,
+    mode: str,
+    weight_decay: float,
+    noise: float,
+    params: Collection[str] | None,
+    optimizer: torch.optim.Optimizer | None,
+) -> SymmetryRemoval:
     sigma = nonnegative(sigma, "sigma")
     eps = nonnegative(advanced_eps, "advanced_eps")
     if eps >= 1:
@@ -183,7 +210,9 @@ def _build(model, *, offsets_from, sigma, advanced_eps, seed, mode, weight_decay
             stacklevel=3,
         )
     gen = torch.Generator().manual_seed(int(seed))  # CPU generator: same θ₀ on every device
-    offsets, scales, sigmas = {}, {}, {}
+    offsets: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    sigmas: dict[str, float] = {}
     for full, module, name, p in _targets(model, params):
         sigmas[full] = init_scale(p, module)
         if offsets_from == "random":
@@ -212,8 +241,8 @@ def remove_symmetries(
     advanced_eps: float = 0.0,
     mode: str = "parametrize",
     weight_decay: float = 0.0,
-    params=None,
-    optimizer=None,
+    params: Collection[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> SymmetryRemoval:
     """Remove the model's symmetries: fixed random offset θ₀ (σ₀ = ``sigma`` × init scale) + decay towards it.
 
@@ -237,7 +266,12 @@ def remove_symmetries(
 
 
 def l2_init(
-    model: nn.Module, *, mode: str = "parametrize", weight_decay: float = 0.0, params=None, optimizer=None
+    model: nn.Module,
+    *,
+    mode: str = "parametrize",
+    weight_decay: float = 0.0,
+    params: Collection[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> SymmetryRemoval:
     """L2-Init baseline: decay towards the weights at the call (θ₀ = φ_init, D = I)."""
     return _build(
@@ -255,7 +289,13 @@ def l2_init(
 
 
 def shrink_and_perturb(
-    model: nn.Module, weight_decay: float, noise: float = 0.01, seed: int = 0, *, params=None, optimizer=None
+    model: nn.Module,
+    weight_decay: float,
+    noise: float = 0.01,
+    seed: int = 0,
+    *,
+    params: Collection[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> SymmetryRemoval:
     """Shrink-and-perturb baseline (optimizer mode): each step φ ← φ − lr·λ·φ + lr·noise·σ·ξ, ξ ~ N(0, I),
     σ the tensor's init scale; θ₀ = 0, so decay alone keeps every mirror through the origin and the

@@ -29,9 +29,11 @@ parametrizations) is refused with an error naming its type and path. The file is
 from __future__ import annotations
 
 import collections
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,20 +43,27 @@ from .apply import UnitGate
 from .parametrizations import GroupSparse, LinearConstraint, LowRank, Sparse
 from .remove import Offset
 
+if TYPE_CHECKING:
+    from ..detect.smap import ExampleInputs
+    from .export import ExportReport, ExportResult
+
+PathLike = str | os.PathLike[str]
+MapLocation = str | torch.device | None
+
 FORMAT_KEY = "mirrorsym_format"
 VERSION = 1
 CONSTRAINED, EXPORTED = "constrained", "exported"
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _save(obj: dict, path) -> Path:
+def _save(obj: dict[str, Any], path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
     return path
 
 
-def read(path, map_location=None) -> dict:
+def read(path: PathLike, map_location: MapLocation = None) -> dict[str, Any]:
     """The dict of a mirrorsym file, read with ``torch.load(weights_only=True)``; a ValueError when the file
     holds anything but tensors and plain data, or is not a mirrorsym file."""
     path = Path(path)
@@ -79,7 +88,7 @@ def read(path, map_location=None) -> dict:
     return dict(obj)
 
 
-def file_format(obj) -> str | None:
+def file_format(obj: object) -> str | None:
     """``"constrained"`` / ``"exported"`` for a loaded mirrorsym dict, else None."""
     return obj.get(FORMAT_KEY) if isinstance(obj, Mapping) and obj.get(FORMAT_KEY) in (CONSTRAINED, EXPORTED) \
         else None
@@ -90,7 +99,7 @@ def _scale(p) -> float:
     return float(p.scale)
 
 
-def describe_constrained(model: nn.Module) -> list[dict]:
+def describe_constrained(model: nn.Module) -> list[dict[str, Any]]:
     """``[{"module": path, "tensor": name, "chain": [{"kind": ..., args}, ...]}]`` for every parametrized
     tensor of ``model``, in registration order. Unit gates carry ``"gate": i`` (the i-th distinct gate
     Parameter: tensors of one unit group share it). Unknown parametrization types are refused by name."""
@@ -129,7 +138,7 @@ def describe_constrained(model: nn.Module) -> list[dict]:
     return out
 
 
-def save_constrained(model: nn.Module, path) -> Path:
+def save_constrained(model: nn.Module, path: PathLike) -> Path:
     """Save a constrained ``model``: its state dict and :func:`describe_constrained` (module docstring).
     Loadable with ``torch.load(weights_only=True)``; rebuild with :func:`load_constrained`."""
     if not isinstance(model, nn.Module):
@@ -204,8 +213,8 @@ def constrain_like(model: nn.Module, parametrizations: list[dict], state: Mappin
     return model
 
 
-def load_constrained(model_factory_or_plain_model: nn.Module | Callable[[], nn.Module], path,
-                     map_location=None) -> nn.Module:
+def load_constrained(model_factory_or_plain_model: nn.Module | Callable[[], nn.Module], path: PathLike,
+                     map_location: MapLocation = None) -> nn.Module:
     """A constrained model from :func:`save_constrained`'s ``path``: the parametrizations re-registered on
     the plain model (or on ``factory()``) and the state loaded strictly. The file is read weights-only;
     tensors land on the model's device unless ``map_location`` says otherwise."""
@@ -249,6 +258,9 @@ def _conv_args(transpose: bool):
 def _leaves() -> dict[type, tuple[list[str], dict]]:
     """Exact module type → (attributes that are constructor arguments of the same name, {argument: getter})."""
     has_bias = {"bias": lambda m: m.bias is not None}
+    conv: type[nn.Module]
+    act: type[nn.Module]
+    pool: type[nn.Module]
     table: dict[type, tuple[list[str], dict]] = {
         nn.Linear: (["in_features", "out_features"], has_bias),
         nn.LayerNorm: (["normalized_shape", "eps", "elementwise_affine"], has_bias),
@@ -320,7 +332,7 @@ def _hooks(module: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
-def describe_module(module: nn.Module, path: str = "") -> dict:
+def describe_module(module: nn.Module, path: str = "") -> dict[str, Any]:
     """The architecture tree of ``module``: ``{"type": "Sequential", "children": [[name, tree], ...]}`` or
     ``{"type": "Linear", "args": {...}}``; refuses (TypeError naming type and path) what it cannot rebuild."""
     where = f"{path or '<root>'} ({type(module).__module__}.{type(module).__qualname__})"
@@ -353,7 +365,7 @@ def describe_module(module: nn.Module, path: str = "") -> dict:
 def build_module(tree: Mapping) -> nn.Module:
     """Rebuild a module from :func:`describe_module`'s tree (random initial values; load the weights)."""
     kind = tree.get("type") if isinstance(tree, Mapping) else None
-    cls = _BY_NAME.get(kind)
+    cls = _BY_NAME.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"load_exported: unknown module type {kind!r} in the architecture description")
     if cls is nn.Sequential:
@@ -382,15 +394,18 @@ def _outputs_equal(a, b) -> bool:
     return a == b
 
 
-def save_exported(small_model, path, example_inputs=None) -> Path:
+def save_exported(
+    small_model: nn.Module | ExportResult, path: PathLike, example_inputs: ExampleInputs | None = None
+) -> Path:
     """Save an exported (plain, standard-module) model: weights plus :func:`describe_module`'s architecture
     tree, loadable with ``torch.load(weights_only=True)``; rebuild with :func:`load_exported`. Accepts
     ``ms.constrain.export``'s result (its ``.model``; the report is stored as plain data). The tree is
     rebuilt at once and checked against the state dict (names and shapes), and with ``example_inputs``
     the rebuilt model must give the very same outputs."""
-    report = None
-    if hasattr(small_model, "model") and hasattr(small_model, "report") and not isinstance(small_model, nn.Module):
-        small_model, report = small_model.model, small_model.report
+    report: ExportReport | None = None
+    if not isinstance(small_model, nn.Module) and hasattr(small_model, "model") and hasattr(small_model, "report"):
+        report = small_model.report
+        small_model = small_model.model
     if not isinstance(small_model, nn.Module):
         raise TypeError(f"save_exported needs an nn.Module (or export's result), got {type(small_model).__name__}")
     architecture = describe_module(small_model)
@@ -424,12 +439,12 @@ def _report_dict(report) -> dict | None:
         return None
     from dataclasses import asdict, is_dataclass
 
-    data = asdict(report) if is_dataclass(report) else dict(report)
+    data = asdict(report) if is_dataclass(report) and not isinstance(report, type) else dict(report)
     return {k: {str(a): _plain(b, k) for a, b in v.items()} if isinstance(v, dict) else _plain(v, k)
             for k, v in data.items()}
 
 
-def load_exported(path, map_location="cpu") -> nn.Module:
+def load_exported(path: PathLike, map_location: MapLocation = "cpu") -> nn.Module:
     """The model saved by :func:`save_exported`, rebuilt from its architecture tree (no code from the file:
     it is read weights-only) with its weights, in the train/eval mode it was saved in."""
     obj = read(path, map_location)

@@ -15,12 +15,17 @@ import torch
 from torch import nn
 
 from ..detect import Permutation, SymmetryMap, find_symmetries
+from ..detect.smap import ExampleInputs
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def unit_groups(model: nn.Module, example_inputs=None, groups=None) -> list[Permutation]:
+def unit_groups(
+    model: nn.Module,
+    example_inputs: ExampleInputs | None = None,
+    groups: SymmetryMap | Iterable[Permutation] | None = None,
+) -> list[Permutation]:
     """The permutation groups of ``model`` (plain parameter names; a constrained model is read as its
     plain twin): ``groups`` when given (Permutation groups or a SymmetryMap, whose permutation groups are
     used), else those ``ms.find_symmetries(model, example_inputs)`` finds."""

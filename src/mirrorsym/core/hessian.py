@@ -8,6 +8,8 @@ they fall back to double backward. Nothing here forms a d×d matrix.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +18,14 @@ from torch.func import grad, jvp
 from .mirror import Mirror
 from .slices import Params
 
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 
-def checked_loss(loss_fn, params: Params) -> torch.Tensor:
+LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""``loss_fn(params) -> 0-dim Tensor``: a pure function of the parameter dict."""
+
+
+def checked_loss(loss_fn: LossFn, params: Params) -> torch.Tensor:
     """Evaluate ``loss_fn(params)`` once and refuse anything but a real scalar."""
     value = loss_fn(dict(params))
     if not isinstance(value, torch.Tensor):
@@ -31,11 +39,11 @@ def checked_loss(loss_fn, params: Params) -> torch.Tensor:
     return value
 
 
-def _scalar(loss_fn):
+def _scalar(loss_fn: LossFn) -> LossFn:
     return lambda p: loss_fn(p).reshape(())
 
 
-def gradient(loss_fn, params: Params) -> dict:
+def gradient(loss_fn: LossFn, params: Params) -> dict[str, torch.Tensor]:
     """∇L at ``params`` as a dict (detached)."""
     g = grad(_scalar(loss_fn))(dict(params))
     return {k: v.detach() for k, v in g.items()}
@@ -44,29 +52,32 @@ def gradient(loss_fn, params: Params) -> dict:
 class HVP:
     """v ↦ ∇²L(θ) v at a fixed θ; counts its calls in ``.calls``."""
 
-    def __init__(self, loss_fn, params: Params):
+    def __init__(self, loss_fn: LossFn, params: Params) -> None:
         checked_loss(loss_fn, params)
         self.loss_fn = _scalar(loss_fn)
         self.params = {k: v.detach() for k, v in params.items()}
         self.calls = 0
         self._forward_mode = True
 
-    def __call__(self, v: Params) -> dict:
+    def __call__(self, v: Params) -> dict[str, torch.Tensor]:
         self.calls += 1
         if self._forward_mode:
             try:
-                _, hv = jvp(grad(self.loss_fn), (self.params,), (dict(v),))
+                hv = jvp(grad(self.loss_fn), (self.params,), (dict(v),))[1]  # (value, tangent): no has_aux
                 return {k: t.detach() for k, t in hv.items()}
             except (RuntimeError, NotImplementedError) as exc:
                 warnings.warn(f"forward-mode AD failed ({exc}); using double backward for HVPs", stacklevel=2)
                 self._forward_mode = False
         return self._double_backward(v)
 
-    def _double_backward(self, v: Params) -> dict:
+    def _double_backward(self, v: Params) -> dict[str, torch.Tensor]:
         with torch.enable_grad():
             p = {k: t.clone().requires_grad_(True) for k, t in self.params.items()}
             g = torch.autograd.grad(self.loss_fn(p), list(p.values()), create_graph=True, allow_unused=True)
-            dot = sum((gi * v[k]).sum() for gi, k in zip(g, p, strict=True) if gi is not None)
+            terms = [(gi * v[k]).sum() for gi, k in zip(g, p, strict=True) if gi is not None]
+            if not terms:
+                raise ValueError("loss_fn depends on none of the parameters; its Hessian is not defined here")
+            dot = sum(terms[1:], terms[0])
             hv = torch.autograd.grad(dot, list(p.values()), allow_unused=True)
         return {k: (h.detach() if h is not None else torch.zeros_like(p[k])) for k, h in zip(p, hv, strict=True)}
 
@@ -78,7 +89,7 @@ class ProjectedHessian:
     HVPs; ``as_linear_operator()`` wraps it for ``scipy.sparse.linalg``; ``hvp.calls`` counts HVPs.
     """
 
-    def __init__(self, loss_fn, params: Params, mirror: Mirror):
+    def __init__(self, loss_fn: LossFn, params: Params, mirror: Mirror) -> None:
         self.mirror = mirror
         self.params = {k: v.detach() for k, v in params.items()}
         self.hvp = HVP(loss_fn, self.params)
@@ -99,17 +110,18 @@ class ProjectedHessian:
         H = torch.stack([self.matvec(eye[i]) for i in range(self.k)], dim=1)
         return (H + H.T) / 2
 
-    def as_linear_operator(self):
+    def as_linear_operator(self) -> LinearOperator:
         from scipy.sparse.linalg import LinearOperator
 
-        def mv(x):
+        def mv(x: np.ndarray) -> np.ndarray:
             s = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
             return self.matvec(s).cpu().double().numpy()
 
         return LinearOperator(self.shape, matvec=mv, dtype=np.float64)
 
 
-def lanczos_min_eig(matvec, k: int, dtype, device, max_iter: int = 100, tol: float = 1e-10,
+def lanczos_min_eig(matvec: Callable[[torch.Tensor], torch.Tensor], k: int, dtype: torch.dtype,
+                    device: torch.device | str | None, max_iter: int = 100, tol: float = 1e-10,
                     generator: torch.Generator | None = None) -> tuple[float, int]:
     """Smallest eigenvalue of a symmetric k×k operator by Lanczos with full re-orthogonalisation.
 
@@ -119,7 +131,8 @@ def lanczos_min_eig(matvec, k: int, dtype, device, max_iter: int = 100, tol: flo
     gen = generator or torch.Generator().manual_seed(0)
     q = torch.randn(k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     Q = [q / q.norm()]
-    alphas, betas = [], []
+    alphas: list[float] = []
+    betas: list[float] = []
     lam = 0.0
     for j in range(min(max_iter, k)):
         w = matvec(Q[j])

@@ -17,7 +17,7 @@ Composing mirrors over disjoint coordinates concatenates their blocks (O = block
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,12 @@ class _Block:
     basis: torch.Tensor | None = None  # (n, k) for "basis"
     offset: torch.Tensor | None = None  # (n,) coordinates of θ′ on this block, or None for the origin
 
+    def _basis(self) -> torch.Tensor:
+        """O of a ``basis`` block (only ``basis`` blocks carry one)."""
+        if self.basis is None:
+            raise ValueError(f"a {self.kind!r} mirror block has no basis O; only 'basis' blocks carry one")
+        return self.basis
+
     def coeffs(self, x: torch.Tensor) -> torch.Tensor:
         """Oᵀx for x of shape (*batch, n)."""
         if self.kind == "sign":
@@ -42,7 +48,7 @@ class _Block:
         if self.kind == "swap":
             a, b = x.chunk(2, dim=-1)
             return (a - b) / math.sqrt(2.0)
-        O = self.basis.to(device=x.device, dtype=x.dtype)
+        O = self._basis().to(device=x.device, dtype=x.dtype)
         return x @ O
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
@@ -52,19 +58,19 @@ class _Block:
         if self.kind == "swap":
             h = s / math.sqrt(2.0)
             return torch.cat([h, -h], dim=-1)
-        O = self.basis.to(device=s.device, dtype=s.dtype)
+        O = self._basis().to(device=s.device, dtype=s.dtype)
         return s @ O.T
 
     @property
     def rank(self) -> int:
         """k: the number of reflected directions (unknown for sign/swap until shapes are seen)."""
-        return self.basis.shape[1] if self.kind == "basis" else -1
+        return self._basis().shape[1] if self.kind == "basis" else -1
 
     def centered(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "basis" and x.shape[-1] != self.basis.shape[0]:
+        if self.kind == "basis" and x.shape[-1] != self._basis().shape[0]:
             names = [s.name for s in self.slices]
             raise ValueError(
-                f"the basis O has {self.basis.shape[0]} rows but the slices of {names} hold {x.shape[-1]} "
+                f"the basis O has {self._basis().shape[0]} rows but the slices of {names} hold {x.shape[-1]} "
                 "coordinates; O needs one row per coordinate, in spec order"
             )
         return x if self.offset is None else x - self.offset.to(device=x.device, dtype=x.dtype)
@@ -212,17 +218,17 @@ class Mirror:
             parts.append(b.coeffs(x if tangent else c))
         return torch.cat(parts, dim=-1)
 
-    def _map(self, params: Params, factor: float, batch_dims: int) -> dict:
+    def _map(self, params: Params, factor: float, batch_dims: int) -> dict[str, torch.Tensor]:
         out = dict(params)
         for b in self.blocks:
             out = scatter(out, b.slices, b.map(gather(out, b.slices, batch_dims), factor), batch_dims)
         return out
 
-    def reflect(self, params: Params, batch_dims: int = 0) -> dict:
+    def reflect(self, params: Params, batch_dims: int = 0) -> dict[str, torch.Tensor]:
         """Rθ (through θ′ if set): a new dict; untouched tensors are shared, the input is not mutated."""
         return self._map(params, 2.0, batch_dims)
 
-    def project(self, params: Params, batch_dims: int = 0) -> dict:
+    def project(self, params: Params, batch_dims: int = 0) -> dict[str, torch.Tensor]:
         """The orthogonal projection of θ onto the surface S: θ − O Oᵀ(θ − θ′)."""
         return self._map(params, 1.0, batch_dims)
 
@@ -230,7 +236,7 @@ class Mirror:
         """‖Oᵀ(θ − θ′)‖: the Euclidean distance from θ to S (0-dim, or shape ``batch`` if batched)."""
         return torch.linalg.vector_norm(self.coefficients(params, batch_dims), dim=-1)
 
-    def direction(self, coeffs: torch.Tensor, params: Params) -> dict:
+    def direction(self, coeffs: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
         """The tangent vector Os as a params-shaped dict (zeros off the mirror); ``coeffs`` has shape (k,)."""
         out = {n: torch.zeros_like(t) for n, t in params.items()}
         offset = 0
@@ -242,12 +248,12 @@ class Mirror:
             raise ValueError(f"coeffs has {coeffs.shape[-1]} entries but the mirror has {offset} directions")
         return out
 
-    def project_tangent(self, v: Params) -> dict:
+    def project_tangent(self, v: Params) -> dict[str, torch.Tensor]:
         """P v = O Oᵀ v for a direction v (no offset)."""
         return self.direction(self.coefficients(v, tangent=True), v)
 
 
-def check_invariance(fn, params: Params, mirror: Mirror) -> float:
+def check_invariance(fn: Callable[[dict[str, torch.Tensor]], object], params: Params, mirror: Mirror) -> float:
     """Max relative change of ``fn``'s output(s) under the reflection: how far ``mirror`` is from a
     symmetry of ``fn``.
 
@@ -264,7 +270,7 @@ def check_invariance(fn, params: Params, mirror: Mirror) -> float:
     return output_change(before, after)
 
 
-def output_change(before, after) -> float:
+def output_change(before: object, after: object) -> float:
     """max over outputs of max|after − before| / max(max|before|, tiny): the relative change that every
     invariance check in mirrorsym reports. Integer outputs count 0 if equal, else ∞. Non-finite
     ``before`` raises :class:`~mirrorsym.core.finite.NonFiniteError`; non-finite ``after`` is ∞."""
@@ -288,7 +294,7 @@ def output_change(before, after) -> float:
     return worst
 
 
-def _flatten_outputs(y) -> list[torch.Tensor]:
+def _flatten_outputs(y: object) -> list[torch.Tensor]:
     if isinstance(y, torch.Tensor):
         return [y.detach()]
     if isinstance(y, Mapping):

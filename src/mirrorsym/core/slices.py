@@ -20,6 +20,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 
@@ -58,7 +59,7 @@ class Slice:
             )
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> TypeGuard[numbers.Integral | torch.Tensor]:
     if isinstance(x, bool):
         return False
     if isinstance(x, torch.Tensor):
@@ -66,7 +67,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral)
 
 
-def _as_indices(name: str, idx) -> tuple[int, ...]:
+def _as_indices(name: str, idx: object) -> tuple[int, ...]:
     if _is_int(idx):
         return (int(idx),)
     if isinstance(idx, torch.Tensor) or hasattr(idx, "__array__"):
@@ -85,7 +86,7 @@ def _as_indices(name: str, idx) -> tuple[int, ...]:
     return tuple(int(i) for i in items)
 
 
-def _entry(name: str, entry) -> tuple[int, object]:
+def _entry(name: str, entry: object) -> tuple[int, object]:
     """``(dim, indices)`` of one spec entry (see the module docstring for the accepted forms)."""
     if isinstance(entry, tuple):
         if len(entry) != 2 or not _is_int(entry[0]):
@@ -119,7 +120,7 @@ def parse_spec(spec: Mapping[str, object]) -> tuple[Slice, ...]:
     return tuple(out)
 
 
-def check_shapes(slices: Sequence[Slice], like: Mapping[str, object]) -> int:
+def check_shapes(slices: Sequence[Slice], like: Mapping[str, torch.Tensor | Sequence[int]]) -> int:
     """Check every slice against the shapes in ``like`` (tensors or shapes by name); returns the number
     of coordinates the slices name."""
     total = 0
@@ -180,7 +181,9 @@ def gather(params: Params, slices: Sequence[Slice], batch_dims: int = 0) -> torc
     return torch.cat(parts, dim=-1)
 
 
-def scatter(params: Params, slices: Sequence[Slice], values: torch.Tensor, batch_dims: int = 0) -> dict:
+def scatter(
+    params: Params, slices: Sequence[Slice], values: torch.Tensor, batch_dims: int = 0
+) -> dict[str, torch.Tensor]:
     """A new params dict equal to ``params`` except that the ``slices`` hold ``values`` (``(*batch, n)``).
 
     Untouched tensors are shared with the input, touched ones are copied: the input is never mutated.

@@ -28,6 +28,8 @@ this table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 from torch._ops import OpOverload
@@ -36,10 +38,10 @@ from . import rules as R
 from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes, UnsupportedCall
 
 aten = torch.ops.aten
-_TABLE: dict = {}
+_TABLE: dict[object, Callable[[RuleContext], None]] = {}
 
 
-def lookup_aten(target):
+def lookup_aten(target: object) -> Callable[[RuleContext], None] | None:
     """The table's rule for an ATen overload (by overload, then by its packet), or None."""
     try:
         rule = _TABLE.get(target)
@@ -296,7 +298,7 @@ def _from_reduction(node, depth: int = 8) -> bool:
     """Whether ``node`` is computed from a reduction within ``depth`` ops (statistics of a norm)."""
     frontier, seen = [node], set()
     for _ in range(depth):
-        nxt = []
+        nxt: list[fx.Node] = []
         for n in frontier:
             if not isinstance(n, fx.Node) or n in seen or n.op != "call_function":
                 continue
@@ -368,7 +370,7 @@ def _mul(ctx: RuleContext) -> None:
     kind, s1, s2 = special
     for d in range(y.ndim):
         k1, k2 = R._aligned(s1, y, d), R._aligned(s2, y, d)
-        if kind == "affine" and d == y.ndim - 1:
+        if kind == "affine" and d == y.ndim - 1 and k1 is not None:  # (it is: x's last dim is y's, size > 1)
             # y = w ⊙ normalised(x): w writes the units (like nn.LayerNorm's weight); the normalised
             # activation passes nothing per-unit (its statistics mix the units)
             ctx.same(s1, k1, y, d)

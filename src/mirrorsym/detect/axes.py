@@ -12,6 +12,7 @@ of its positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -31,7 +32,7 @@ class AxisStore:
         self.size.append(int(size))
         return len(self.parent) - 1
 
-    def new_dims(self, shape) -> list[list[int]]:
+    def new_dims(self, shape: Iterable[int]) -> list[list[int]]:
         """Fresh atom lists for a tensor of ``shape`` (size-1 dims get no atom)."""
         return [[self.new(n)] if n != 1 else [] for n in shape]
 
@@ -62,7 +63,7 @@ class AxisStore:
         for leaf in self.leaves(atom):
             self.pinned.setdefault(leaf, reason)
 
-    def pin_dims(self, dims, reason: str) -> None:
+    def pin_dims(self, dims: Iterable[Iterable[int]], reason: str) -> None:
         for atoms in dims:
             for a in atoms:
                 self.pin(a, reason)
@@ -134,10 +135,10 @@ class AxisStore:
         if self.size[ra] != self.size[rb]:
             return False
         sa, sb = self.split.get(ra), self.split.get(rb)
-        if sa is None and sb is None:
-            self._union_leaves(ra, rb)
-            return True
         if sa is None:
+            if sb is None:
+                self._union_leaves(ra, rb)
+                return True
             ra, rb, sa, sb = rb, ra, sb, sa
         if sb is None:
             parts = self.split_atom(rb, sa[0], [self.size[c] for c in sa[1]])

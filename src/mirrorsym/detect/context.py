@@ -18,11 +18,17 @@ sign flips do (odd functions), ``ANY = POS | NEG`` = every non-zero scaling (lin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import fx, nn
 
 from .axes import AxisStore
+
+if TYPE_CHECKING:
+    from .trace import Detector
 
 NONE, POS, NEG = 0, 1, 2
 ANY = POS | NEG
@@ -75,17 +81,17 @@ class RuleContext:
 
     def __init__(
         self,
-        detector,
-        target,
-        path,
-        args,
-        kwargs,
-        output,
-        module=None,
-        real_args=(),
-        real_kwargs=None,
-        node=None,
-    ):
+        detector: Detector,
+        target: object,
+        path: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        output: Any,
+        module: nn.Module | None = None,
+        real_args: Sequence[Any] = (),
+        real_kwargs: Mapping[str, Any] | None = None,
+        node: fx.Node | None = None,
+    ) -> None:
         self.detector = detector
         self.graph_node = node
         self.store: AxisStore = detector.store
@@ -94,7 +100,8 @@ class RuleContext:
         self.args = args
         self.kwargs = kwargs or {}
         self.output = output
-        self.module = module
+        # Any: a module rule reads its own module type's attributes (m.num_groups, m.normalized_shape, ...)
+        self.module: Any = module
         self.real_args = real_args
         self.real_kwargs = real_kwargs or {}
         self.inputs = [
@@ -107,7 +114,7 @@ class RuleContext:
         full = f"{self.path}.{name}" if self.path else name
         return self.detector.param_axes(full)
 
-    def arg(self, i: int, name: str, default=None):
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
         """The real value of argument ``i`` / keyword ``name`` (for ints, dims, flags)."""
         if name in self.real_kwargs:
             return self.real_kwargs[name]
@@ -115,11 +122,13 @@ class RuleContext:
             return self.real_args[i]
         return default
 
-    def new_value(self, shape) -> TensorAxes:
+    def new_value(self, shape: Iterable[int]) -> TensorAxes:
         return self.detector.new_value(tuple(shape))
 
-    def call(self, name: str, *inputs: TensorAxes, output=None):
+    def call(self, name: str, *inputs: TensorAxes, output: Any = None) -> Any:
         """Apply the rule of submodule ``name`` (a composite rule, e.g. TransformerEncoderLayer)."""
+        if self.module is None:
+            raise TypeError(f"{self.where()}: call({name!r}) needs a module rule (only modules have submodules)")
         sub = self.module.get_submodule(name)
         path = f"{self.path}.{name}" if self.path else name
         if output is None:
@@ -127,7 +136,9 @@ class RuleContext:
         self.detector.apply_module_rule(sub, path, list(inputs), {}, output)
         return output
 
-    def call_function(self, fn, *inputs, output=None, **kwargs):
+    def call_function(
+        self, fn: Callable[..., Any], *inputs: TensorAxes, output: Any = None, **kwargs: Any
+    ) -> Any:
         """Apply the rule of function ``fn`` to internal values (for composite rules)."""
         if output is None:
             output = self.new_value(inputs[0].shape)
@@ -223,7 +234,7 @@ class RuleContext:
         self.detector.events.edges.append((na, nb, NONE, True))
 
     # ------------------------------------------------------------------ helpers
-    def node(self, t: TensorAxes, d: int):
+    def node(self, t: TensorAxes, d: int) -> tuple[tuple[str, object, int], tuple[int, ...]]:
         d = t.dim(d)
         key = ("p", t.param, d) if t.param is not None else ("v", t.vid, d)
         return key, tuple(t.dims[d])
@@ -233,7 +244,7 @@ class RuleContext:
         return f"{name} at {self.path or '<root>'}"
 
 
-def _flat(xs) -> list:
+def _flat(xs: Iterable[Any]) -> list[Any]:
     out = []
     for x in xs:
         if isinstance(x, (list, tuple)):

@@ -6,13 +6,14 @@ Each factory returns ``(model, example_inputs)`` with a fixed seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(activation: type[nn.Module] = nn.Tanh, sizes=(784, 256, 256, 10)) -> nn.Sequential:
+def mlp(activation: type[nn.Module] = nn.Tanh, sizes: Sequence[int] = (784, 256, 256, 10)) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
@@ -24,7 +25,7 @@ def mlp(activation: type[nn.Module] = nn.Tanh, sizes=(784, 256, 256, 10)) -> nn.
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus identity (or 1x1 conv-BN when the width changes)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -34,7 +35,7 @@ class BasicBlock(nn.Module):
         if c_in != c_out:
             self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
         skip = x if self.down is None else self.down(x)
@@ -44,7 +45,7 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """stem (conv-BN-ReLU-maxpool), two residual blocks (8 -> 8, 8 -> 16), global pool, linear head."""
 
-    def __init__(self, width: int = 8, n_classes: int = 10):
+    def __init__(self, width: int = 8, n_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
@@ -54,7 +55,7 @@ class SmallResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, n_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block2(self.block1(self.stem(x)))
         return self.fc(torch.flatten(self.pool(h), 1))
 
@@ -62,7 +63,7 @@ class SmallResNet(nn.Module):
 class HandAttention(nn.Module):
     """Multi-head self-attention written with Linear + view + matmul (GPT style), pre-LN block."""
 
-    def __init__(self, dim: int = 16, heads: int = 4):
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
         super().__init__()
         self.heads = heads
         self.ln = nn.LayerNorm(dim)
@@ -71,7 +72,7 @@ class HandAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         h = self.ln(x)
         q = self.q(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
@@ -86,27 +87,27 @@ class HandAttention(nn.Module):
 class TinyTransformer(nn.Module):
     """Linear embedding, nn.TransformerEncoder (2 layers, 4 heads), mean pool, linear head."""
 
-    def __init__(self, n_in: int = 6, dim: int = 16, heads: int = 4, layers: int = 2, n_out: int = 3):
+    def __init__(self, n_in: int = 6, dim: int = 16, heads: int = 4, layers: int = 2, n_out: int = 3) -> None:
         super().__init__()
         self.embed = nn.Linear(n_in, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=32, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, n_out)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(x)).mean(dim=1))
 
 
 class LoRALinear(nn.Module):
     """y = W0 x + B(A x): a frozen-style base plus a rank-r factor pair."""
 
-    def __init__(self, n_in: int = 12, n_out: int = 10, rank: int = 3):
+    def __init__(self, n_in: int = 12, n_out: int = 10, rank: int = 3) -> None:
         super().__init__()
         self.base = nn.Linear(n_in, n_out)
         self.A = nn.Linear(n_in, rank, bias=False)
         self.B = nn.Linear(rank, n_out, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.B(self.A(x))
 
 
@@ -114,7 +115,7 @@ class TinyGPT(nn.Module):
     """A GPT-2-style decoder block: token + position embeddings, pre-LN causal attention with one fused
     qkv Linear split into heads, GELU MLP, final LayerNorm and a linear head over the vocabulary."""
 
-    def __init__(self, vocab: int = 20, dim: int = 16, heads: int = 4, context: int = 8):
+    def __init__(self, vocab: int = 20, dim: int = 16, heads: int = 4, context: int = 8) -> None:
         super().__init__()
         self.heads = heads
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
@@ -123,7 +124,7 @@ class TinyGPT(nn.Module):
         self.fc, self.proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, idx):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         b, t = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         q, k, v = self.c_attn(self.ln1(x)).split(x.shape[-1], dim=2)
@@ -134,8 +135,11 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def _seeded(factory, *shape):
-    def make():
+Example = tuple[nn.Module, torch.Tensor]
+
+
+def _seeded(factory: Callable[[], nn.Module], *shape: int) -> Callable[[], Example]:
+    def make() -> Example:
         torch.manual_seed(0)
         model = factory()
         return model, torch.randn(*shape, generator=torch.Generator().manual_seed(1))
@@ -143,7 +147,7 @@ def _seeded(factory, *shape):
     return make
 
 
-EXAMPLES = {
+EXAMPLES: dict[str, Callable[[], Example]] = {
     "mlp-tanh": _seeded(lambda: mlp(nn.Tanh), 4, 784),
     "mlp-relu": _seeded(lambda: mlp(nn.ReLU), 4, 784),
     "cnn": _seeded(SmallResNet, 2, 3, 16, 16),
@@ -157,12 +161,12 @@ EXAMPLES = {
 }
 
 
-def _seeded_model(factory):
+def _seeded_model(factory: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return factory()
 
 
-def example(name: str):
+def example(name: str) -> Example:
     """``(model, example_inputs)`` for a built-in example (see ``EXAMPLES``)."""
     try:
         return EXAMPLES[name]()

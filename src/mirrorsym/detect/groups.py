@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -221,7 +221,8 @@ class SymmetryGroup:
             sub = t.index_select(m.dim, m.index.reshape(-1).to(t.device)).movedim(m.dim, 0)
             parts[m.role].append(sub.reshape(self.size, -1).cpu())
         empty = torch.zeros(self.size, 0, dtype=torch.float64)
-        return tuple(torch.cat(v, dim=1) if v else empty for v in parts.values())
+        sources, sinks = (torch.cat(v, dim=1) if v else empty for v in parts.values())
+        return sources, sinks
 
     def _checked_members(self, include_buffers: bool, roles: tuple[str, ...] | None = None) -> list[Member]:
         """Members a core Mirror can express (one dim per tensor), else a ValueError that says so."""
@@ -253,7 +254,9 @@ class Permutation(SymmetryGroup):
     def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
         _permute_(t, m, element)
 
-    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+    def mirrors(
+        self, include_buffers: bool = False, count: int | None = None, generator: torch.Generator | None = None
+    ) -> list[Mirror]:
         """Swaps (i, i+1) of neighbouring units, or ``count`` random pairs."""
         members = self._checked_members(include_buffers)
         n = self.size
@@ -264,7 +267,8 @@ class Permutation(SymmetryGroup):
         return [Mirror.swap(_unit_spec(members, i), _unit_spec(members, j)) for i, j in pairs]
 
     def distance(self, model: nn.Module) -> float:
-        d = torch.cdist(*(2 * [self.unit_matrix(model)]))
+        units = self.unit_matrix(model)
+        d = torch.cdist(units, units)
         d.fill_diagonal_(float("inf"))
         return float(d.min()) / math.sqrt(2.0)
 
@@ -276,7 +280,7 @@ class _Diagonal(SymmetryGroup):
     unit_roles: ClassVar[tuple[str, ...] | None] = ("source", "sink", "gamma", "running_mean", "running_var")
     mirror_roles: ClassVar[tuple[str, ...]] = ("source", "sink", "gamma", "running_mean")
 
-    def _draw(self, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-normal scales, signs with at least one −1), from one generator in a fixed order."""
         n = self.size
         scale = torch.exp(0.5 * torch.randn(n, generator=generator, dtype=torch.float64))
@@ -288,7 +292,9 @@ class _Diagonal(SymmetryGroup):
     def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
         _scale_(t, m, element)
 
-    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+    def mirrors(
+        self, include_buffers: bool = False, count: int | None = None, generator: torch.Generator | None = None
+    ) -> list[Mirror]:
         """One sign flip per unit (the ``count`` first units); none for positive-only groups."""
         members = self._checked_members(include_buffers, self.mirror_roles)
         if not self.has_sign_flips:
@@ -395,7 +401,9 @@ class Rotation(SymmetryGroup):
     def _act_(self, t: torch.Tensor, m: Member, element: torch.Tensor) -> None:
         _rotate_(t, m, element)
 
-    def mirrors(self, include_buffers=False, count=None, generator=None) -> list[Mirror]:
+    def mirrors(
+        self, include_buffers: bool = False, count: int | None = None, generator: torch.Generator | None = None
+    ) -> list[Mirror]:
         """``count`` (default ``size``) sampled reflections I − 2vvᵀ, built densely (raises when O would
         exceed ``ROTATION_MIRROR_LIMIT`` entries)."""
         members = self._checked_members(include_buffers)
@@ -458,7 +466,7 @@ GROUP_TYPES: dict[str, type[SymmetryGroup]] = {
 KINDS = tuple(GROUP_TYPES)
 
 
-def make_group(kind: str, size: int, members: list[Member], layers: list[str], **fields) -> SymmetryGroup:
+def make_group(kind: str, size: int, members: list[Member], layers: list[str], **fields: Any) -> SymmetryGroup:
     """The group of ``kind`` (one of :data:`KINDS`) over ``members``."""
     try:
         cls = GROUP_TYPES[kind]
@@ -551,8 +559,8 @@ def _rotate_(t: torch.Tensor, m: Member, q: torch.Tensor) -> None:
 def haar_orthogonal(count: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` Haar-distributed orthogonal (n, n) float64 matrices (QR of Gaussians, signs fixed)."""
     a = torch.randn(count, n, n, generator=generator, dtype=torch.float64)
-    q, r = np.linalg.qr(a.numpy())  # numpy's batched LAPACK QR: far faster than torch's on small CPU matrices
-    q, r = torch.from_numpy(q), torch.from_numpy(r)
+    qn, rn = np.linalg.qr(a.numpy())  # numpy's batched LAPACK QR: far faster than torch's on small CPU matrices
+    q, r = torch.from_numpy(qn), torch.from_numpy(rn)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 

@@ -7,14 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-_MODULE_RULES: dict[type, Callable] = {}
+_MODULE_RULES: dict[type[nn.Module], Callable] = {}
 _FUNCTION_RULES: dict[object, Callable] = {}
 _METHOD_RULES: dict[str, Callable] = {}
 _USER: set = set()  # functions and method names registered after the built-in rules (by users)
 _BUILTINS_LOADED = False
 
 
-def register_rule(target, rule: Callable | None = None, *, method: bool = False):
+def register_rule(target: object, rule: Callable | None = None, *, method: bool = False) -> Callable:
     """Describe how ``target`` couples the axes of its inputs, outputs and parameters.
 
     ``target`` is an ``nn.Module`` subclass (instances become leaves of the trace: read as a whole by
@@ -69,7 +69,7 @@ def builtins_loaded() -> None:
     _BUILTINS_LOADED = True
 
 
-def lookup_user_by_name(op) -> Callable | None:
+def lookup_user_by_name(op: object) -> Callable | None:
     """For an ATen overload (torch.export path): a rule the user registered for the torch function,
     ``torch.nn.functional`` function or Tensor method of the same name, else None."""
     packet = getattr(op, "overloadpacket", op)
@@ -87,18 +87,18 @@ def lookup_user_by_name(op) -> Callable | None:
     return None
 
 
-def lookup_module(cls: type) -> Callable | None:
+def lookup_module(cls: type[nn.Module]) -> Callable | None:
     """The rule for a module class: its own, else that of the nearest registered base class whose
     ``forward`` it does not override (a subclass with its own forward is traced through instead)."""
     for base in cls.__mro__:
         if base is nn.Module:
             return None
-        if base in _MODULE_RULES:
+        if base in _MODULE_RULES and issubclass(base, nn.Module):  # (every key is a Module class)
             return _MODULE_RULES[base] if cls.forward is base.forward else None
     return None
 
 
-def lookup_function(target, method: bool = False) -> Callable | None:
+def lookup_function(target: object, method: bool = False) -> Callable | None:
     if method:
         return _METHOD_RULES.get(str(target))
     try:

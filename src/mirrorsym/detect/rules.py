@@ -34,6 +34,14 @@ def _y(ctx: RuleContext) -> TensorAxes:
     return y
 
 
+def _required(ctx: RuleContext, name: str) -> TensorAxes:
+    """The module's own parameter ``name``, which the rule cannot do without."""
+    p = ctx.param(name)
+    if p is None:
+        raise UnsupportedCall(f"{ctx.where()} has no {name!r}")
+    return p
+
+
 def _unary(group: int, linear: bool):
     """An elementwise function of one tensor (activations, dropout, casts)."""
 
@@ -107,6 +115,7 @@ _PERMUTATION_ONLY = [
     torch.rsqrt,
 ]
 
+fn: object  # the loops below register rules for functions of every signature
 for fn in _POS_HOMOGENEOUS:
     register_rule(fn, _unary(POS, False))
 for fn in _ODD:
@@ -375,6 +384,8 @@ def _transpose(ctx: RuleContext) -> None:
 def _permute(ctx: RuleContext) -> None:
     x = _x(ctx)
     dims = ctx.real_args[1:] if len(ctx.real_args) > 1 else ctx.real_kwargs.get("dims")
+    if dims is None:
+        raise UnsupportedCall("permute without its dims")
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     _reorder(ctx, [d % x.ndim for d in dims])
@@ -481,6 +492,8 @@ def _cat(ctx: RuleContext) -> None:
     if y.shape[d] == 1 or not y.dims[d]:
         return
     parts = ctx.store.split_atom(y.dims[d][0], "sum", sizes)
+    if parts is None:
+        raise ValueError("the concatenated axis is already split differently")
     for t, part in zip(tensors, parts, strict=True):
         if t.shape[d] > 1 and not ctx.store.unite_lists(t.dims[d], part):
             ctx.pin(t, d)
@@ -686,7 +699,7 @@ def _linear_core(ctx: RuleContext, x: TensorAxes, w: TensorAxes, b: TensorAxes |
 
 @register_rule(nn.Linear)
 def _linear(ctx: RuleContext) -> None:
-    _linear_core(ctx, _x(ctx), ctx.param("weight"), ctx.param("bias"), _y(ctx))
+    _linear_core(ctx, _x(ctx), _required(ctx, "weight"), ctx.param("bias"), _y(ctx))
 
 
 @register_rule(F.linear)
@@ -761,7 +774,7 @@ for fn in [F.conv1d, F.conv2d, F.conv3d]:
 @register_rule(nn.Embedding)
 def _embedding(ctx: RuleContext) -> None:
     x, y = _x(ctx), _y(ctx)
-    w = ctx.param("weight")
+    w = _required(ctx, "weight")
     _batch(ctx, x, y, range(x.ndim), range(x.ndim))
     ctx.pin(w, 0)  # rows are looked up by token id
     ctx.source(w, 1, y, -1)
@@ -787,6 +800,7 @@ def _pool(group: int, linear: bool, n_spatial: int):
     return rule
 
 
+target: object  # pooling module classes and functions
 for n, (mx, amx, av, aav, fmx, famx, fav, faav) in {
     1: (
         nn.MaxPool1d,
@@ -943,8 +957,8 @@ def _attention_core(ctx: RuleContext, q_in, k_in, v_in, out, weights, E: int, H:
     and the out_proj columns; per head, q and k share a contracted axis and v feeds out_proj."""
     m = ctx.module
     dh = E // H
-    W, B = ctx.param("in_proj_weight"), ctx.param("in_proj_bias")
-    Wo, Bo = ctx.param("out_proj.weight"), ctx.param("out_proj.bias")
+    W, B = _required(ctx, "in_proj_weight"), ctx.param("in_proj_bias")
+    Wo, Bo = _required(ctx, "out_proj.weight"), ctx.param("out_proj.bias")
     for d in range(q_in.ndim - 1):
         _batch(ctx, q_in, out, [d], [d])
     for d in range(k_in.ndim - 1):
@@ -957,10 +971,14 @@ def _attention_core(ctx: RuleContext, q_in, k_in, v_in, out, weights, E: int, H:
         ctx.same(B, 0, W, 0)
     store = ctx.store
     parts = store.split_atom(W.dims[0][0], "sum", [E, E, E])
-    heads = [store.split_atom(p[0], "prod", [H, dh]) for p in parts]
-    wo_parts = store.split_atom(Wo.dims[1][0], "prod", [H, dh])
-    if parts is None or any(h is None for h in heads) or wo_parts is None:
+    if parts is None:
         raise ValueError("in_proj already split differently")
+    split = [store.split_atom(p[0], "prod", [H, dh]) for p in parts]
+    wo_split = store.split_atom(Wo.dims[1][0], "prod", [H, dh])
+    heads = [h for h in split if h is not None]
+    if len(heads) != len(split) or wo_split is None:
+        raise ValueError("in_proj already split differently")
+    wo_parts = wo_split
     if H == 1:
         heads = [[[], p] for p in parts]
         wo_parts = [[], Wo.dims[1]]
@@ -1008,12 +1026,12 @@ def _encoder_layer(ctx: RuleContext) -> None:
     for t in ctx.inputs[1:]:
         ctx.pin(t)  # masks
 
-    def attention(h):
+    def attention(h: TensorAxes) -> TensorAxes:
         out = ctx.new_value(h.shape)
         ctx.call("self_attn", h, h, h, output=(out, None))
         return ctx.call("dropout1", out)
 
-    def feed_forward(h):
+    def feed_forward(h: TensorAxes) -> TensorAxes:
         a = ctx.call("linear1", h, output=ctx.new_value(h.shape[:-1] + (m.linear1.out_features,)))
         if isinstance(m.activation, nn.Module):
             a = ctx.call("activation", a)
@@ -1023,7 +1041,7 @@ def _encoder_layer(ctx: RuleContext) -> None:
         b = ctx.call("linear2", a, output=ctx.new_value(h.shape))
         return ctx.call("dropout2", b)
 
-    def add(a, b):
+    def add(a: TensorAxes, b: TensorAxes) -> TensorAxes:
         return ctx.call_function(operator.add, a, b)
 
     if m.norm_first:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 
 from ..core.mirror import output_change
 from .groups import SymmetryGroup
+
+ExampleInputs = torch.Tensor | tuple[Any, ...]
+"""What a model is called with: one Tensor, or a tuple of positional inputs (``model(*inputs)``)."""
 
 
 @dataclass
@@ -40,8 +44,8 @@ class SymmetryMap:
             out[g.kind] = out.get(g.kind, 0) + 1
         return out
 
-    def verify(self, model: nn.Module, example_inputs, seed: int = 0, example_kwargs: dict | None = None
-               ) -> pd.DataFrame:
+    def verify(self, model: nn.Module, example_inputs: ExampleInputs, seed: int = 0,
+               example_kwargs: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row per group: the max relative output change after one random element of that group
         alone (generator seeded with ``seed``; never the identity), applied to a float64 eval-mode copy
         of ``model`` (``model`` is untouched). Non-finite weights or inputs raise

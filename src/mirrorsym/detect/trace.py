@@ -25,6 +25,8 @@ import logging
 import operator
 import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -87,7 +89,7 @@ def leaf_paths(model: nn.Module) -> list[str]:
     return out
 
 
-def export(model: nn.Module, inputs: tuple, kwargs: dict | None = None):
+def export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
     """``torch.export.export(model, inputs, kwargs, strict=False)`` with the call signature of every
     module in :func:`leaf_paths` preserved."""
     loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
@@ -123,7 +125,7 @@ def _first_lines(exc: BaseException, n: int = 4, width: int = 600) -> str:
 class _Region:
     """The nodes of one call of a module that has a rule (torch.export path)."""
 
-    def __init__(self, call: str, fqn: str, signature):
+    def __init__(self, call: str, fqn: str, signature: Any) -> None:  # a torch.export ModuleCallSignature
         self.call, self.fqn, self.signature = call, fqn, signature
         self.nodes: list[fx.Node] = []
         self.end: fx.Node | None = None
@@ -135,7 +137,7 @@ class Detector:
     ``Detector(model, inputs, kwargs)`` traces with torch.export and falls back to torch.fx;
     ``Detector(model)`` (no inputs) uses torch.fx only. ``mode`` says which one was used."""
 
-    def __init__(self, model: nn.Module, inputs: tuple | None = None, kwargs: dict | None = None):
+    def __init__(self, model: nn.Module, inputs: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
         self.model = copy.deepcopy(model)
         self.store = AxisStore()
         self.events = Events()
@@ -157,7 +159,7 @@ class Detector:
         }
         self.unknown: dict[str, list[str]] = {}
         self.unknown_ops_in: dict[str, set[str]] = {}  # module name -> the ATen ops with no rule inside it
-        self.ep = None
+        self.ep: torch.export.ExportedProgram | None = None
         self.gm: fx.GraphModule | None = None
         self.export_error: BaseException | None = None
         self.param_dependent: set[fx.Node] = set()
@@ -189,7 +191,7 @@ class Detector:
         self.mode = "fx"
 
     # ------------------------------------------------------------------ values
-    def new_value(self, shape: tuple[int, ...], dtype=None) -> TensorAxes:
+    def new_value(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> TensorAxes:
         self._next_vid += 1
         t = TensorAxes(tuple(shape), self.store.new_dims(shape), self._next_vid, None, dtype)
         self.values[t.vid] = t
@@ -197,6 +199,7 @@ class Detector:
 
     def param_axes(self, full_name: str) -> TensorAxes | None:
         """The axes of a parameter or buffer by qualified name (None if that attribute is None)."""
+        obj: torch.Tensor
         try:
             obj = self.model.get_parameter(full_name)
         except AttributeError:
@@ -219,7 +222,7 @@ class Detector:
                 self._pin_all(self._param_axes[name], f"non-persistent buffer {name} (a constant)")
         return self._param_axes[name]
 
-    def to_axes(self, real):
+    def to_axes(self, real: object) -> Any:  # TensorAxes, a (nested) tuple of them, or None
         if isinstance(real, torch.Tensor):
             return self.new_value(tuple(real.shape), real.dtype)
         if isinstance(real, (tuple, list)):
@@ -227,13 +230,16 @@ class Detector:
         return None
 
     # ------------------------------------------------------------------ running
-    def run(self, inputs: tuple, kwargs: dict | None = None) -> None:
+    def run(self, inputs: tuple, kwargs: dict[str, Any] | None = None) -> None:
         if self.mode == "export":
             self._run_export(tuple(inputs), dict(kwargs or {}))
         else:
             self._run_fx(tuple(inputs), dict(kwargs or {}))
 
     def _run_fx(self, inputs: tuple, kwargs: dict) -> None:
+        if self.gm is None:
+            raise RuntimeError("the model was traced with torch.export, not torch.fx")
+        gm = self.gm
         det = self
         env: dict[fx.Node, object] = {}
         if kwargs:  # fx placeholders follow forward's parameters: bind the keywords to positions
@@ -242,16 +248,18 @@ class Detector:
             inputs = tuple(bound.arguments.values())
 
         class _Interp(fx.Interpreter):
-            def run_node(self, n):
+            def run_node(self, n: fx.Node) -> Any:
                 result = super().run_node(n)
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 det.visit(n, args, kwargs, result, env)
                 return result
 
         with torch.no_grad():
-            _Interp(self.gm).run(*inputs)
+            _Interp(gm).run(*inputs)
 
-    def visit(self, n: fx.Node, args, kwargs, result, env) -> None:
+    def visit(
+        self, n: fx.Node, args: tuple, kwargs: dict[str, Any], result: object, env: dict[fx.Node, Any]
+    ) -> None:
         if n.op == "placeholder":
             env[n] = self.to_axes(result)
             self._pin_all(env[n], "model input")
@@ -280,8 +288,9 @@ class Detector:
             return  # size arithmetic and other non-tensor results
         path = self._path_of(n)
         if n.op == "call_module":
+            target = str(n.target)  # a call_module node's target is the module's path
             self.apply_module_rule(
-                self.model.get_submodule(n.target), n.target, list(ax_args), ax_kwargs, out, args, kwargs
+                self.model.get_submodule(target), target, list(ax_args), ax_kwargs, out, args, kwargs
             )
         else:
             self.apply_function_rule(
@@ -304,6 +313,8 @@ class Detector:
 
     # ------------------------------------------------------------------ torch.export
     def _run_export(self, inputs: tuple, kwargs: dict) -> None:
+        if self.ep is None:
+            raise RuntimeError("the model was traced with torch.fx, not torch.export")
         ep = self.ep
         gm = ep.graph_module
         specs = ep.graph_signature.input_specs
@@ -350,7 +361,7 @@ class Detector:
         env: dict[fx.Node, object] = {}
 
         class _Interp(fx.Interpreter):
-            def run_node(self, n):
+            def run_node(self, n: fx.Node) -> Any:
                 result = super().run_node(n)
                 if n.name in keep_names:
                     keep[n.name] = result
@@ -452,7 +463,9 @@ class Detector:
         region_of = {n: r for r in kept for n in r.nodes}
         return kept, region_of
 
-    def _visit_region(self, r: _Region, env, keep) -> None:
+    def _visit_region(self, r: _Region, env: dict[fx.Node, Any], keep: dict[str, object]) -> None:
+        if self.ep is None:
+            raise RuntimeError("module regions exist on the torch.export path only")
         by_name = {n.name: n for n in r.nodes}
         graph_nodes = {n.name: n for n in self.ep.graph_module.graph.nodes}
         ax_flat, real_flat = [], []
@@ -478,7 +491,16 @@ class Detector:
         self.apply_module_rule(module, r.fqn, list(ax_args), ax_kwargs, out, real_args, real_kwargs)
 
     # ------------------------------------------------------------------ rules
-    def apply_module_rule(self, module, path, args, kwargs, out, real_args=(), real_kwargs=None) -> None:
+    def apply_module_rule(
+        self,
+        module: nn.Module,
+        path: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        out: Any,
+        real_args: Sequence[Any] = (),
+        real_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         rule = lookup_module(type(module))
         ctx = RuleContext(self, type(module), path, args, kwargs, out, module, real_args, real_kwargs)
         if rule is None:
@@ -487,7 +509,16 @@ class Detector:
         self._run_rule(rule, ctx, type(module).__name__, module)
 
     def apply_function_rule(
-        self, target, path, args, kwargs, out, real_args=(), real_kwargs=None, method: bool = False, node=None
+        self,
+        target: Callable[..., Any] | str,
+        path: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        out: Any,
+        real_args: Sequence[Any] = (),
+        real_kwargs: Mapping[str, Any] | None = None,
+        method: bool = False,
+        node: fx.Node | None = None,
     ) -> None:
         rule = lookup_function(target, method)
         if rule is None and isinstance(target, torch._ops.OpOverload):

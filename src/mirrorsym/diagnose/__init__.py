@@ -8,6 +8,7 @@ collapse metrics on probe data, and a monitor over training. Reads models throug
 
 import sys
 import types
+from typing import Any
 
 from . import metrics
 from .monitor import SymmetryMonitor
@@ -20,7 +21,7 @@ class _CallableModule(types.ModuleType):
     """The subpackage, callable as :func:`diagnose` (so ``ms.diagnose(...)`` and ``ms.diagnose.metrics``
     both work without one name shadowing the other)."""
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> DiagnoseReport:
         return diagnose(*args, **kwargs)
 
 

@@ -24,10 +24,18 @@ With ``figures=True`` and ``writer=`` the report's figures are written to the wr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import nn
+
+    from ..detect.smap import ExampleInputs
+
 __all__ = ["SymmetryMonitorCallback"]  # noqa: F822 (built lazily by __getattr__)
 
 
-def _callback_base():
+def _callback_base() -> Any:
     try:
         from transformers import TrainerCallback
     except ImportError:
@@ -38,7 +46,7 @@ def _callback_base():
     return TrainerCallback
 
 
-def _build(base):
+def _build(base: Any) -> type:
     from .lightning import to_device
     from .monitor import SymmetryMonitor, scalars
 
@@ -46,20 +54,27 @@ def _build(base):
         """A ``transformers.TrainerCallback`` that records :class:`SymmetryMonitor` on the Trainer's model
         and adds the scalars to the Trainer's logs (module docstring)."""
 
-        def __init__(self, example_inputs, every: int = 100, data=None, trainer=None, **monitor_kwargs) -> None:
+        def __init__(
+            self,
+            example_inputs: ExampleInputs,
+            every: int = 100,
+            data: object = None,
+            trainer: Any = None,
+            **monitor_kwargs: Any,
+        ) -> None:
             super().__init__()
             self.example_inputs, self.every, self.data, self.kwargs = example_inputs, every, data, monitor_kwargs
             self.trainer = trainer
             self.monitor: SymmetryMonitor | None = None
 
-        def attach(self, trainer):
+        def attach(self, trainer: Any) -> SymmetryMonitorCallback:
             """Add this callback to ``trainer`` and log through ``trainer.log``; returns ``self``."""
             self.trainer = trainer
             if self not in trainer.callback_handler.callbacks:
                 trainer.add_callback(self)
             return self
 
-        def _monitor(self, model) -> SymmetryMonitor:
+        def _monitor(self, model: nn.Module | None) -> SymmetryMonitor:
             if self.monitor is None:
                 if model is None:
                     raise ValueError("SymmetryMonitorCallback: the Trainer passed no model to the callback")
@@ -70,7 +85,9 @@ def _build(base):
                 )
             return self.monitor
 
-        def _emit(self, state) -> None:
+        def _emit(self, state: Any) -> None:
+            if self.monitor is None or self.monitor.last is None:  # called after a record only
+                return
             values = scalars(self.monitor.last)
             if not values:
                 return
@@ -79,27 +96,31 @@ def _build(base):
             else:
                 state.log_history.append({**values, "step": state.global_step})
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+        ) -> None:
             monitor = self._monitor(model)
             if monitor.last_step != state.global_step:
                 monitor.record(step=state.global_step)
                 self._emit(state)
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(
+            self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+        ) -> None:
             if self._monitor(model).step(state.global_step) is not None:
                 self._emit(state)
 
         @property
-        def history(self):
+        def history(self) -> pd.DataFrame | None:
             return None if self.monitor is None else self.monitor.history
 
     return SymmetryMonitorCallback
 
 
-_BUILT: dict = {}
+_BUILT: dict[Any, type] = {}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "SymmetryMonitorCallback":
         # one class per base class, looked up on every access (not cached in the module's globals), so the
         # class always derives from the Callback that is importable now

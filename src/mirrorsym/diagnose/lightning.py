@@ -18,11 +18,21 @@ go to loggers that take figures: ``TensorBoardLogger`` (``experiment.add_figure`
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+    from torch import nn
+
+    from ..detect.smap import ExampleInputs
 
 __all__ = ["SymmetryMonitorCallback"]  # noqa: F822 (built lazily by __getattr__)
 
 
-def _callback_base():
+def _callback_base() -> Any:
     for name in ("lightning.pytorch", "pytorch_lightning"):
         try:
             return importlib.import_module(name).Callback
@@ -34,7 +44,7 @@ def _callback_base():
     )
 
 
-def to_device(inputs, device):
+def to_device(inputs: Any, device: torch.device | str | None) -> Any:
     """``inputs`` (a Tensor or a tuple/list of them) moved to ``device``; anything else unchanged."""
     import torch
 
@@ -47,7 +57,9 @@ def to_device(inputs, device):
     return inputs
 
 
-def log_to_loggers(loggers, values: dict, figures: dict, step: int) -> None:
+def log_to_loggers(
+    loggers: Iterable[Any] | None, values: Mapping[str, float], figures: Mapping[str, Figure], step: int
+) -> None:
     """Scalars through ``logger.log_metrics(values, step)`` for every logger; figures through
     ``logger.experiment.add_figure`` (TensorBoard) or ``logger.log_image`` (W&B) where there is one.
     The figures are closed."""
@@ -60,7 +72,7 @@ def log_to_loggers(loggers, values: dict, figures: dict, step: int) -> None:
             if not figures:
                 continue
             experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):
+            if experiment is not None and hasattr(experiment, "add_figure"):
                 for name, fig in figures.items():
                     experiment.add_figure(f"mirrorsym/{name}", fig, step, close=False)
             elif hasattr(logger, "log_image"):
@@ -71,15 +83,15 @@ def log_to_loggers(loggers, values: dict, figures: dict, step: int) -> None:
             plt.close(fig)
 
 
-def _build(base):
+def _build(base: Any) -> type:
     from .monitor import SymmetryMonitor, scalars
 
     class SymmetryMonitorCallback(base):
         """Records :class:`SymmetryMonitor` on the LightningModule when training starts and every
         ``every`` optimizer steps, and logs each record to the trainer's loggers (module docstring)."""
 
-        def __init__(self, example_inputs, every: int = 100, data=None, figures: bool = False,
-                     **diagnose_kwargs) -> None:
+        def __init__(self, example_inputs: ExampleInputs, every: int = 100, data: object = None,
+                     figures: bool = False, **diagnose_kwargs: Any) -> None:
             super().__init__()
             self.example_inputs, self.every, self.data, self.figures, self.kwargs = (
                 example_inputs,
@@ -90,7 +102,7 @@ def _build(base):
             )
             self.monitor: SymmetryMonitor | None = None
 
-        def _monitor(self, pl_module) -> SymmetryMonitor:
+        def _monitor(self, pl_module: nn.Module) -> SymmetryMonitor:
             if self.monitor is None:
                 device = getattr(pl_module, "device", None)
                 self.monitor = SymmetryMonitor(
@@ -99,38 +111,40 @@ def _build(base):
                 )
             return self.monitor
 
-        def _log(self, trainer, step: int) -> None:
+        def _log(self, trainer: Any, step: int) -> None:
             loggers = getattr(trainer, "loggers", None)
             if not loggers or self.monitor is None or self.monitor.last is None:
                 return
             figs = self.monitor.report_figures() if self.figures else {}
             log_to_loggers(loggers, scalars(self.monitor.last), figs, step)
 
-        def on_train_start(self, trainer, pl_module) -> None:
+        def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
             monitor = self._monitor(pl_module)
             step = int(getattr(trainer, "global_step", 0) or 0)
             if monitor.last_step != step:
                 monitor.record(step=step)
                 self._log(trainer, step)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             monitor = self._monitor(pl_module)
             step = getattr(trainer, "global_step", None)
             rep = monitor.step(None if step is None else int(step))
-            if rep is not None:
+            if rep is not None and monitor.last_step is not None:  # a record sets last_step
                 self._log(trainer, monitor.last_step)
 
         @property
-        def history(self):
+        def history(self) -> pd.DataFrame | None:
             return None if self.monitor is None else self.monitor.history
 
     return SymmetryMonitorCallback
 
 
-_BUILT: dict = {}
+_BUILT: dict[Any, type] = {}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "SymmetryMonitorCallback":
         # one class per base class, looked up on every access (not cached in the module's globals), so the
         # class always derives from the Callback that is importable now

@@ -105,7 +105,7 @@ def numerical_rank(A: torch.Tensor, tol: float | None = None) -> torch.Tensor:
     """#{σ_i > tol}. Default ``tol`` = σ_max · max(m, n) · eps(dtype), as ``numpy.linalg.matrix_rank``."""
     A = _as_matrix(A)
     sv = singular_values(A)
-    t = default_rank_tol(sv, tuple(A.shape)) if tol is None else torch.as_tensor(tol, dtype=sv.dtype)
+    t = default_rank_tol(sv, (A.shape[0], A.shape[1])) if tol is None else torch.as_tensor(tol, dtype=sv.dtype)
     return (sv > t).sum().to(torch.int64)
 
 
@@ -119,8 +119,10 @@ def rank_metrics(
     """All five rank metrics of ``A`` from one SVD (or from given singular values ``sv`` of a matrix of
     ``shape``): keys ``eff_rank, approx_rank, srank, stable_rank, num_rank`` (THEORY.md §7 names)."""
     if sv is None:
+        if A is None:
+            raise ValueError("rank_metrics needs a matrix A or its singular values sv (with shape=)")
         A = _as_matrix(A)
-        sv, shape = singular_values(A), tuple(A.shape)
+        sv, shape = singular_values(A), (A.shape[0], A.shape[1])
     elif shape is None:
         raise ValueError("rank_metrics(sv=...) needs the matrix shape too (for the numerical-rank tolerance)")
     sv = torch.sort(sv.clamp_min(0), descending=True).values
@@ -166,7 +168,9 @@ def unit_clusters(units: torch.Tensor, rtol: float | None = None) -> np.ndarray:
     return cluster_units(units, rtol)[0]
 
 
-def cluster_units(units: torch.Tensor, rtol: float | None = None, chunk: int = 1 << 22):
+def cluster_units(
+    units: torch.Tensor, rtol: float | None = None, chunk: int = 1 << 22
+) -> tuple[np.ndarray, torch.Tensor]:
     """(:func:`unit_clusters` labels, min_{i≠j} ‖u_i − u_j‖) from one Gram matrix. The minimum is
     re-measured exactly on the 64 pairs the Gram matrix ranks closest (NaN for fewer than 2 units)."""
     units = _as_matrix(units, "units")
@@ -280,7 +284,9 @@ def representation_eff_rank(features: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ neural collapse
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None):
+def class_means(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(means (C, D), counts (C,), global mean (D,)) in float64; global mean over all samples."""
     H = _as_matrix(features, "features").double()
     y = torch.as_tensor(labels, device=H.device).long().reshape(-1)
@@ -370,7 +376,13 @@ def nc4(
     return (logits.argmax(1) != ncc).double().mean()
 
 
-def neural_collapse(features, labels, weight=None, bias=None, num_classes=None) -> dict[str, torch.Tensor]:
+def neural_collapse(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> dict[str, torch.Tensor]:
     """NC1–NC4 in one dict (NC3, NC4 only with a classifier ``weight``)."""
     out = {"nc1": nc1(features, labels, num_classes)}
     out.update({f"nc2_{k}": v for k, v in nc2(features, labels, num_classes).items()})

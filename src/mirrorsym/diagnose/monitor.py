@@ -11,12 +11,18 @@ with probe data also ``mirrorsym/probe/<layer>/<dead|dormant|eff_rank>``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from torch import nn
 
-from .report import GROUP_COLUMNS, DiagnoseReport, diagnose
+from ..detect.smap import ExampleInputs
+from .report import GROUP_COLUMNS, DiagnoseReport, Symmetries, diagnose
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: per-group columns of the report written as scalars (those that are not NaN for the group)
 SCALAR_METRICS = ("dead", "duplicated", "distinct", "distance", "eff_rank", "approx_rank", "srank",
@@ -25,7 +31,7 @@ SCALAR_METRICS = ("dead", "duplicated", "distinct", "distance", "eff_rank", "app
 PROBE_METRICS = ("dead", "dormant", "eff_rank")
 
 
-def _tag(text) -> str:
+def _tag(text: object) -> str:
     return "".join(str(text).split())
 
 
@@ -46,7 +52,7 @@ def scalars(rep: DiagnoseReport) -> dict[str, float]:
         for metric in SCALAR_METRICS:
             value = row.get(metric)
             if not _nan(value):
-                out[f"{base}/{metric}"] = float(value)
+                out[f"{base}/{metric}"] = float(row[metric])  # = value, known not None
     a = rep.activations
     for row in a.to_dict("records") if a is not None else []:
         for metric in PROBE_METRICS:
@@ -55,7 +61,7 @@ def scalars(rep: DiagnoseReport) -> dict[str, float]:
     return out
 
 
-def _nan(value) -> bool:
+def _nan(value: Any) -> bool:
     if value is None:
         return True
     try:
@@ -64,7 +70,7 @@ def _nan(value) -> bool:
         return True
 
 
-def write_scalars(writer, values: dict[str, float], step: int) -> None:
+def write_scalars(writer: Any, values: Mapping[str, float], step: int) -> None:
     """Write ``values`` at ``step`` to ``writer``: ``add_scalar(tag, value, step)`` (TensorBoard
     ``SummaryWriter`` and anything shaped like it), else ``log(dict)`` (a Weights & Biases run; the step
     goes in as ``mirrorsym/step``, so W&B's own step counter is left to the training loop)."""
@@ -84,7 +90,7 @@ def write_scalars(writer, values: dict[str, float], step: int) -> None:
         )
 
 
-def write_figures(writer, figures: dict, step: int) -> None:
+def write_figures(writer: Any, figures: Mapping[str, Figure], step: int) -> None:
     """Write matplotlib ``figures`` ``{name: Figure}`` as ``mirrorsym/<name>``: ``add_figure`` (TensorBoard;
     closes them) or ``log`` (W&B, as ``wandb.Image`` when wandb is importable); closes every figure."""
     import matplotlib.pyplot as plt
@@ -108,7 +114,7 @@ def write_figures(writer, figures: dict, step: int) -> None:
             plt.close(fig)
 
 
-def _check_writer(writer) -> None:
+def _check_writer(writer: object) -> None:
     if writer is not None and not (hasattr(writer, "add_scalar") or hasattr(writer, "log")):
         raise TypeError(
             f"writer must be a torch.utils.tensorboard.SummaryWriter (or have add_scalar/add_figure) or a "
@@ -138,13 +144,13 @@ class SymmetryMonitor:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs,
+        example_inputs: ExampleInputs,
         every: int = 100,
-        data=None,
-        symmetries=None,
-        writer=None,
+        data: object = None,
+        symmetries: Symmetries | None = None,
+        writer: Any = None,
         figures: bool = False,
-        **diagnose_kwargs,
+        **diagnose_kwargs: Any,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (record every `every` steps), got {every!r}")
@@ -197,7 +203,7 @@ class SymmetryMonitor:
         """The last record as flat scalars (:func:`scalars`); empty before the first record."""
         return {} if self.last is None else scalars(self.last)
 
-    def report_figures(self, rep: DiagnoseReport | None = None) -> dict:
+    def report_figures(self, rep: DiagnoseReport | None = None) -> dict[str, Figure]:
         """``{name: Figure}`` of the report's figures (last record by default) plus the history plot."""
         from .plots import history_figure, report_figures
 
@@ -208,7 +214,7 @@ class SymmetryMonitor:
             figs["history"] = hist
         return figs
 
-    def plot(self, path: str | Path | None = None):
+    def plot(self, path: str | Path | None = None) -> Figure | Path:
         """The history, one panel per metric (dead, distinct, distance, ranks) and one line per group vs
         step (colour = layer, line style = kind). Returns the matplotlib Figure, or with ``path`` saves it
         (PNG by the suffix) and returns the Path. Raises before the first record."""

@@ -16,7 +16,9 @@ nothing to draw), so its data can be inspected or logged (TensorBoard ``add_figu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -27,6 +29,14 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .summary import covered, unit_rows  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from numpy.typing import ArrayLike
+
+    from .report import DiagnoseReport
 
 MAX_SPECTRA = 12
 #: spectra are clipped below this fraction of their largest value
@@ -46,17 +56,17 @@ HISTORY_METRICS = ("dead", "distinct", "distance", "eff_rank", "num_rank", "stab
 UNIT_COLOURS = {"dead": "#7f7f7f", "duplicated": "#ff7f0e", "distinct": "#1f77b4"}
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
 
-def _saved(fig, path: Path) -> Path | None:
+def _saved(fig: Figure | None, path: Path) -> Path | None:
     return None if fig is None else _save(fig, path)
 
 
-def _short(labels, width: int = 32) -> list[str]:
+def _short(labels: Iterable[object], width: int = 32) -> list[str]:
     """Tick labels cut to ``width`` characters (keeping the end, where layer names differ)."""
     return [s if len(s) <= width else "…" + s[-(width - 1) :] for s in map(str, labels)]
 
@@ -65,7 +75,7 @@ def _floor_label(what: str, floor: float = SPECTRUM_FLOOR) -> str:
     return f"{what} (clipped below {floor:.0e})"
 
 
-def clip_spectrum(values, floor: float = SPECTRUM_FLOOR) -> np.ndarray | None:
+def clip_spectrum(values: ArrayLike, floor: float = SPECTRUM_FLOOR) -> np.ndarray | None:
     """``values`` sorted descending, divided by the largest and clipped below ``floor`` (NaN and negative
     round-off included); None when the largest value is not a positive finite number."""
     v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))[::-1]
@@ -75,7 +85,7 @@ def clip_spectrum(values, floor: float = SPECTRUM_FLOOR) -> np.ndarray | None:
     return np.maximum(v, floor)
 
 
-def _limit_log_axis(ax, curves, floor: float = SPECTRUM_FLOOR) -> None:
+def _limit_log_axis(ax: Axes, curves: Iterable[np.ndarray], floor: float = SPECTRUM_FLOOR) -> None:
     """y-limits of a log axis of normalised spectra: from just under the smallest drawn value (at least
     the floor) to just above 1."""
     low = min(float(c.min()) for c in curves)
@@ -83,7 +93,7 @@ def _limit_log_axis(ax, curves, floor: float = SPECTRUM_FLOOR) -> None:
 
 
 # ---------------------------------------------------------------------------------------- report figures
-def correlation_panels(rep) -> list[tuple[str, np.ndarray]]:
+def correlation_panels(rep: DiagnoseReport) -> list[tuple[str, np.ndarray]]:
     """``(title, matrix)`` per heat map; groups of one layer with the same matrix (a layer's permutation
     and rescale groups) share one panel titled with every kind."""
     info = _group_info(rep)
@@ -101,7 +111,7 @@ def correlation_panels(rep) -> list[tuple[str, np.ndarray]]:
             for t, (_, _, corr, name) in zip(titles, panels, strict=True)]
 
 
-def correlation_figure(rep):
+def correlation_figure(rep: DiagnoseReport) -> Figure | None:
     """Neuron correlation of unit parameter vectors, units ordered by cluster (blocks = duplicates)."""
     panels = correlation_panels(rep)
     if not panels:
@@ -117,14 +127,14 @@ def correlation_figure(rep):
     return fig
 
 
-def _group_info(rep) -> dict[str, tuple[str, str]]:
+def _group_info(rep: DiagnoseReport) -> dict[str, tuple[str, str]]:
     g = rep.groups
     if g is None or not len(g):
         return {}
     return {str(r.group): (str(r.layer), str(r.kind)) for r in g[["group", "layer", "kind"]].itertuples()}
 
 
-def spectrum_lines(rep) -> list[dict]:
+def spectrum_lines(rep: DiagnoseReport) -> list[dict[str, Any]]:
     """The lines :func:`spectra_figure` draws: ``{"label", "layer", "kinds", "groups", "values"}`` with
     ``values`` normalised and clipped (:func:`clip_spectrum`); groups of one layer with the same spectrum
     are merged into one line (their kinds listed in the label)."""
@@ -133,7 +143,7 @@ def spectrum_lines(rep) -> list[dict]:
     info = _group_info(rep)
     rot = [k for k in rep.spectra if info.get(k, ("", ""))[1] == "rotation"]
     names = (rot or list(rep.spectra))[:MAX_SPECTRA]
-    lines: list[dict] = []
+    lines: list[dict[str, Any]] = []
     for name in names:
         values = clip_spectrum(rep.spectra[name])
         if values is None:
@@ -164,7 +174,7 @@ def spectrum_lines(rep) -> list[dict]:
     return lines
 
 
-def spectra_figure(rep):
+def spectra_figure(rep: DiagnoseReport) -> Figure | None:
     """σ_i/σ_1 of each group's invariant product (rotation) or unit matrix (others), log scale."""
     lines = spectrum_lines(rep)
     if not lines:
@@ -188,7 +198,7 @@ def spectra_figure(rep):
     return fig
 
 
-def unit_bars(rep) -> pd.DataFrame:
+def unit_bars(rep: DiagnoseReport) -> pd.DataFrame:
     """One row per set of units: ``layer, units, dead, duplicated, distinct`` (dead + duplicated +
     distinct = units), the data of :func:`dead_distinct_figure`. Permutation groups define the units;
     a diagonal group (rescale, sign flip, scale, BatchNorm scale) over the same units (:func:`covered`)
@@ -206,7 +216,7 @@ def unit_bars(rep) -> pd.DataFrame:
     return out[["layer", "units", "dead", "duplicated", "distinct"]]
 
 
-def dead_distinct_figure(rep):
+def dead_distinct_figure(rep: DiagnoseReport) -> Figure | None:
     """Per layer, one bar of height = units, stacked: dead, duplicated (living copies of another unit)
     and distinct living units."""
     bars = unit_bars(rep)
@@ -230,7 +240,7 @@ def dead_distinct_figure(rep):
     return fig
 
 
-def activity_figure(rep):
+def activity_figure(rep: DiagnoseReport) -> Figure | None:
     """Per probed layer: fraction of dead and dormant units on the probe data."""
     a = rep.activations
     if a is None or not len(a):
@@ -248,7 +258,7 @@ def activity_figure(rep):
     return fig
 
 
-def embedding_figure(rep):
+def embedding_figure(rep: DiagnoseReport) -> Figure | None:
     """λ_i/λ_1 of the embedding covariance (descending, clipped at :data:`SPECTRUM_FLOOR`); a dotted
     line marks the rank bound rows − 1 when the probe had fewer rows than dimensions."""
     v = None if rep.embedding_spectrum is None else clip_spectrum(rep.embedding_spectrum)
@@ -267,7 +277,7 @@ def embedding_figure(rep):
     return fig
 
 
-FIGURES = {
+FIGURES: dict[str, Callable[[DiagnoseReport], Figure | None]] = {
     "correlation_heatmap": correlation_figure,
     "singular_spectra": spectra_figure,
     "dead_distinct": dead_distinct_figure,
@@ -276,41 +286,41 @@ FIGURES = {
 }
 
 
-def report_figures(rep) -> dict:
+def report_figures(rep: DiagnoseReport) -> dict[str, Figure]:
     """``{name: Figure}`` for every figure the report has data for (close them with ``plt.close``)."""
     figs = {name: make(rep) for name, make in FIGURES.items()}
     return {name: fig for name, fig in figs.items() if fig is not None}
 
 
 # file writers (the figure names are the PNG names of DiagnoseReport.plot)
-def correlation_heatmaps(rep, path: Path) -> Path | None:
+def correlation_heatmaps(rep: DiagnoseReport, path: Path) -> Path | None:
     return _saved(correlation_figure(rep), path)
 
 
-def singular_spectra(rep, path: Path) -> Path | None:
+def singular_spectra(rep: DiagnoseReport, path: Path) -> Path | None:
     return _saved(spectra_figure(rep), path)
 
 
-def dead_distinct_bars(rep, path: Path) -> Path | None:
+def dead_distinct_bars(rep: DiagnoseReport, path: Path) -> Path | None:
     return _saved(dead_distinct_figure(rep), path)
 
 
-def activity_bars(rep, path: Path) -> Path | None:
+def activity_bars(rep: DiagnoseReport, path: Path) -> Path | None:
     return _saved(activity_figure(rep), path)
 
 
-def embedding_spectrum(rep, path: Path) -> Path | None:
+def embedding_spectrum(rep: DiagnoseReport, path: Path) -> Path | None:
     return _saved(embedding_figure(rep), path)
 
 
-def plot_report(rep, out: Path) -> list[Path]:
+def plot_report(rep: DiagnoseReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [_saved(make(rep), out / f"{name}.png") for name, make in FIGURES.items()]
     return [p for p in paths if p is not None]
 
 
 # ---------------------------------------------------------------------------------------- history figure
-def history_figure(history: pd.DataFrame, metrics=HISTORY_METRICS):
+def history_figure(history: pd.DataFrame, metrics: Sequence[str] = HISTORY_METRICS) -> Figure | None:
     """A monitor's history: one panel per metric (``metrics`` that have a value), one line per group
     against the step; colour = layer, line style = kind, one legend for the figure. In the dead and
     distinct panels a diagonal group over a permutation's units (same counts) is not drawn again. None
@@ -334,7 +344,7 @@ def history_figure(history: pd.DataFrame, metrics=HISTORY_METRICS):
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.8), squeeze=False, layout="constrained"
     )
-    handles = {}
+    handles: dict[str, Line2D] = {}
     for ax, metric in zip(axes.flat, present, strict=False):
         for g in groups.itertuples():
             if metric in ("dead", "distinct") and g.group in repeats:

@@ -58,16 +58,16 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MAX_GRAM_DIM = 4096
 
 
-def _as_args(x) -> tuple:
+def _as_args(x: object) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def batch_rows(x) -> int:
+def batch_rows(x: object) -> int:
     first = _as_args(x)[0]
     return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
-def iter_batches(data, batch_size: int = 256) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+def iter_batches(data: object, batch_size: int = 256) -> Iterator[tuple[tuple, torch.Tensor | None]]:
     """Yield ``(model_args, labels_or_None)`` from any accepted data form (module docstring); a batch
     with NaN/Inf inputs raises :class:`~mirrorsym.core.finite.NonFiniteError` naming it."""
     for i, (args, y) in enumerate(_batches(data, batch_size)):
@@ -75,10 +75,10 @@ def iter_batches(data, batch_size: int = 256) -> Iterator[tuple[tuple, torch.Ten
         yield args, y
 
 
-def _batches(data, batch_size: int) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+def _batches(data: object, batch_size: int) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+    labels: torch.Tensor | None
     if isinstance(data, torch.Tensor):
-        data = (data,)
-        labelled = False
+        x, labels = data, None
     elif (
         isinstance(data, tuple)
         and len(data) == 2
@@ -87,16 +87,16 @@ def _batches(data, batch_size: int) -> Iterator[tuple[tuple, torch.Tensor | None
         and data[1].dim() > 0
         and data[0].shape[0] == data[1].shape[0]
     ):
-        labelled = True
+        x, labels = data
     else:
         yield from _iter_loader(data)
         return
-    n = data[0].shape[0]
+    n = x.shape[0]
     for s in range(0, n, batch_size):
-        yield (data[0][s : s + batch_size],), (data[1][s : s + batch_size] if labelled else None)
+        yield (x[s : s + batch_size],), (labels[s : s + batch_size] if labels is not None else None)
 
 
-def _iter_loader(data) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+def _iter_loader(data: object) -> Iterator[tuple[tuple, torch.Tensor | None]]:
     if not isinstance(data, Iterable):
         raise TypeError(
             f"data must be a Tensor, a tuple (x, y) of Tensors or an iterable of batches "
@@ -127,7 +127,7 @@ def resolve_modules(model: nn.Module, names: Iterable[str] | None) -> dict[str, 
     modules = dict(model.named_modules())
     if names is not None:
         return {n: get_module(model, n, modules) for n in names}
-    acts = {n: m for n, m in modules.items() if isinstance(m, ACTIVATIONS)}
+    acts: dict[str, nn.Module] = {n: m for n, m in modules.items() if isinstance(m, ACTIVATIONS)}
     if acts:
         return acts
     layers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *CONVS))}
@@ -156,7 +156,7 @@ def get_module(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | N
 
 
 @contextmanager
-def probe_mode(model: nn.Module, mode: str):
+def probe_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Run in eval mode (``"eval"``) or as is (``"current"``); restore every module's flag after."""
     if mode not in ("eval", "current"):
         raise ValueError(f"mode must be 'eval' or 'current', got {mode!r}")
@@ -212,7 +212,7 @@ def channel_first(module: nn.Module, example_out: torch.Tensor | None = None) ->
     return isinstance(module, CONVS) or (example_out is not None and example_out.dim() >= 4)
 
 
-def run_model(model: nn.Module, args: tuple, example_inputs) -> object:
+def run_model(model: nn.Module, args: tuple, example_inputs: object) -> object:
     """``model(*args)``; a shape error becomes a clear one naming the batch and example shapes."""
     try:
         return model(*args)

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ from torch import nn
 
 from ..core.finite import check_module_finite
 from ..detect.groups import Permutation, Rotation, SymmetryGroup
-from ..detect.smap import SymmetryMap
+from ..detect.smap import ExampleInputs, SymmetryMap
 from . import metrics as M
 from . import probe
 from .units import product_spectrum
@@ -54,6 +55,9 @@ RANK_COLUMNS = ("eff_rank", "approx_rank", "srank", "stable_rank", "num_rank")
 GROUP_COLUMNS = ("group", "kind", "layer", "units", "dead", "distinct", "distance", *RANK_COLUMNS)
 #: Heat maps are drawn for at most this many groups, each on at most this many units.
 MAX_HEATMAPS, MAX_HEATMAP_UNITS = 4, 256
+
+Symmetries = SymmetryMap | Sequence[SymmetryGroup]
+"""A SymmetryMap (``ms.find_symmetries``), or symmetry groups built by hand."""
 
 
 @dataclass
@@ -69,7 +73,7 @@ class DiagnoseReport:
     posterior: pd.DataFrame | None = None
     spectra: dict[str, np.ndarray] = field(default_factory=dict)
     correlations: dict[str, np.ndarray] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per symmetry group (columns: see the module docstring)."""
@@ -91,7 +95,7 @@ class DiagnoseReport:
 
 
 # -------------------------------------------------------------------------------------------- groups
-def _groups_of(symmetries) -> list[SymmetryGroup]:
+def _groups_of(symmetries: SymmetryMap | Iterable[SymmetryGroup]) -> list[SymmetryGroup]:
     groups = list(symmetries.groups if isinstance(symmetries, SymmetryMap) else symmetries)
     for i, g in enumerate(groups):
         if not isinstance(g, SymmetryGroup):
@@ -181,7 +185,7 @@ def _correlation(units: torch.Tensor) -> np.ndarray:
 def _group_row(i, group, partner, model, dead_tol, dup_tol, cache) -> tuple[dict, np.ndarray | None, tuple | None]:
     """One table row; also the spectrum to plot (rotation groups) and the heat-map candidate (others)."""
     k = group.size
-    row = dict.fromkeys(GROUP_COLUMNS, math.nan)
+    row: dict[str, Any] = dict.fromkeys(GROUP_COLUMNS, math.nan)
     row.update(group=group.label or f"{i}:{group.kind}", kind=group.kind, layer=layer_name(group), units=k)
     row["distance"] = _scalar(group.distance(model))
     if isinstance(group, Rotation):
@@ -199,7 +203,7 @@ def _group_row(i, group, partner, model, dead_tol, dup_tol, cache) -> tuple[dict
 
 
 @contextmanager
-def _progress(show: bool, total: int):
+def _progress(show: bool, total: int) -> Iterator[Callable[[], None]]:
     """A callable that advances a transient rich progress bar (a no-op when ``show`` is False)."""
     if not show:
         yield lambda: None
@@ -213,15 +217,18 @@ def _progress(show: bool, total: int):
 
 def group_table(
     model: nn.Module,
-    symmetries,
+    symmetries: Symmetries,
     dead_tol: float = M.DEAD_TOL,
     duplicate_tol: float = M.DUPLICATE_TOL,
     keep_plots: bool = True,
     progress: bool = False,
-):
+) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The weights-only per-group table plus plot data (spectra, correlations); ``progress`` shows a
     rich progress bar over the groups."""
-    rows, spectra, candidates, cache = [], {}, [], []
+    rows: list[dict[str, Any]] = []
+    spectra: dict[str, np.ndarray] = {}
+    candidates: list[tuple] = []
+    cache: list[tuple[torch.Tensor, M.UnitCounts]] = []
     groups = _groups_of(symmetries)
     partners = _partners(groups)
     with _progress(progress, len(groups)) as advance:
@@ -256,6 +263,8 @@ def _classifier(model: nn.Module, name: str | None, modules) -> tuple[str | None
 def _activation_table(stats: Mapping[str, probe.LayerStats], redo_tau: float) -> pd.DataFrame:
     rows = []
     for name, st in stats.items():
+        if st.active is None or st.abs_sum is None:
+            raise RuntimeError(f"the probe of {name!r} recorded no batch")  # stats are made by their first batch
         frac = st.active / st.rows
         mean_abs = st.abs_sum / st.rows
         layer_mean = mean_abs.mean()
@@ -320,8 +329,8 @@ def _nc_metrics(features: torch.Tensor, labels: torch.Tensor, clf: nn.Module) ->
 
 def probe_data(
     model: nn.Module,
-    example_inputs,
-    data,
+    example_inputs: ExampleInputs,
+    data: object,
     *,
     layers: Iterable[str] | None = None,
     classifier: str | None = None,
@@ -332,7 +341,7 @@ def probe_data(
     max_samples: int = 20000,
     dead_tol: float = M.DEAD_TOL,
     redo_tau: float = 0.025,
-) -> dict:
+) -> dict[str, Any]:
     """Run the model on ``data`` with hooks; return the activation table, NC metrics and the embedding
     spectrum (see the module docstrings of report.py and probe.py)."""
     modules = dict(model.named_modules())
@@ -397,7 +406,7 @@ def probe_data(
     }
     feat = torch.cat(feats)[:max_samples] if feats else None
     emb = torch.cat(embeds)[:max_samples] if embeds else feat
-    if feat is not None and labels and nc:
+    if feat is not None and clf is not None and labels and nc:  # features come from the classifier's hook
         lab = torch.cat(labels)[:max_samples].to(feat.device)
         if lab.shape[0] != feat.shape[0]:
             raise ValueError(
@@ -430,10 +439,10 @@ def _posterior_table(posterior) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------- public
 def diagnose(
     model: nn.Module,
-    example_inputs,
-    data=None,
+    example_inputs: ExampleInputs,
+    data: object = None,
     *,
-    symmetries=None,
+    symmetries: Symmetries | None = None,
     dead_tol: float = M.DEAD_TOL,
     duplicate_tol: float = M.DUPLICATE_TOL,
     layers: Iterable[str] | None = None,
@@ -472,9 +481,9 @@ def diagnose(
         layers = list(layers)
         for name in layers:
             probe.get_module(model, name)
-    for name in (classifier, embedding):
-        if name is not None:
-            probe.get_module(model, name)
+    for named in (classifier, embedding):
+        if named is not None:
+            probe.get_module(model, named)
     check_module_finite(model)  # NaN weights would read as "not dead, not duplicated"
     if symmetries is None:
         symmetries = default_symmetries(model, example_inputs)
@@ -510,7 +519,7 @@ def diagnose(
     return rep
 
 
-def default_symmetries(model, example_inputs):
+def default_symmetries(model: nn.Module, example_inputs: ExampleInputs) -> SymmetryMap:
     """``ms.find_symmetries(model, example_inputs)`` (imported here: detect is the layer below)."""
     from ..detect import find_symmetries
 

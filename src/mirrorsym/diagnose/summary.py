@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from .report import DiagnoseReport
 
 
 def _layer_set(layer: str) -> tuple[frozenset, bool]:
@@ -44,7 +49,7 @@ def _pct(a: float, b: float) -> str:
     return f"{100.0 * a / b:.1f}%" if b else "n/a"
 
 
-def summarize(rep) -> str:
+def summarize(rep: DiagnoseReport) -> str:
     g = rep.groups
     lines = []
     kinds = ", ".join(f"{n} {k}" for k, n in g["kind"].value_counts().items()) or "none"

@@ -15,10 +15,10 @@ import torch
 
 def invariant_product(fs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """M_aᵀ M_b for exactly two factors ``fs`` (a rotation group's factors), else None (ranks do not apply)."""
-    fs = list(fs.values())
-    if len(fs) != 2:
+    factors = list(fs.values())
+    if len(factors) != 2:
         return None
-    a, b = fs
+    a, b = factors
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype).T @ b.to(dtype)
 
@@ -30,10 +30,10 @@ def product_spectrum(fs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tupl
     its non-zero singular values are those of the k×k core R_a R_bᵀ (the remaining min(F_a, F_b) − k
     are exactly zero and change none of the rank metrics). None unless there are exactly two factors.
     """
-    fs = list(fs.values())
-    if len(fs) != 2:
+    factors = list(fs.values())
+    if len(factors) != 2:
         return None
-    a, b = fs
+    a, b = factors
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.detach().to(dtype), b.detach().to(dtype)
     shape = (a.shape[1], b.shape[1])

@@ -47,14 +47,14 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
-from ..core.hessian import ProjectedHessian, checked_loss
+from ..core.hessian import LossFn, ProjectedHessian, checked_loss
 from ..core.mirror import Mirror
 from ..core.slices import Params, gather
 from ..core.threads import single_threaded
@@ -66,6 +66,9 @@ BATCH_MEANS = 20  # blocks for the batch-means standard error of the QR method
 BURN_IN = 0.05  # fraction of the QR trajectory discarded before averaging
 TIME_CHUNK = 2048  # minibatches drawn at once
 HV_BUDGET = 2**24  # numbers held per vmapped chunk of Hessian-vector products
+
+BatchLossFn = Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]
+"""``loss_fn(params, batch) -> 0-dim Tensor``: the mean loss over the samples of ``batch``."""
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,7 @@ class MinibatchCurvature:
         )
         etas = np.geomspace(lo, hi, grid)
 
-        def curve(xs):
+        def curve(xs: Sequence[float] | np.ndarray) -> np.ndarray:
             return self.lyapunov_curve(
                 list(xs), b, gamma, method=used, max_enumerate=max_enumerate, indices=idx
             ).values.numpy()
@@ -336,7 +339,7 @@ class MinibatchCurvature:
 
 # ---------------------------------------------------------------------- public functions
 def minibatch_curvature(
-    loss_fn,
+    loss_fn: BatchLossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -363,7 +366,7 @@ def minibatch_curvature(
 
 
 def lyapunov_exponent(
-    loss_fn,
+    loss_fn: BatchLossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -392,7 +395,7 @@ def lyapunov_exponent(
 
 
 def critical_learning_rate(
-    loss_fn,
+    loss_fn: BatchLossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -499,7 +502,9 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.abs().clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def _first_crossing(etas: np.ndarray, lams: np.ndarray, falling: bool, curve, refine: int) -> float:
+def _first_crossing(
+    etas: np.ndarray, lams: np.ndarray, falling: bool, curve: Callable[[np.ndarray], np.ndarray], refine: int
+) -> float:
     """First η where Λ changes sign (+ to − if ``falling``), refined on ``refine`` points, interpolated."""
     sign = lams > 0 if falling else lams < 0
     hits = np.nonzero(sign[:-1] & ~sign[1:])[0]
@@ -510,8 +515,8 @@ def _first_crossing(etas: np.ndarray, lams: np.ndarray, falling: bool, curve, re
     vals = curve(fine)
     s = vals > 0 if falling else vals < 0
     j = np.nonzero(s[:-1] & ~s[1:])[0]
-    j = int(j[0]) if len(j) else 0
-    x0, x1, y0, y1 = fine[j], fine[j + 1], vals[j], vals[j + 1]
+    i = int(j[0]) if len(j) else 0
+    x0, x1, y0, y1 = fine[i], fine[i + 1], vals[i], vals[i + 1]
     return float(x0 - y0 * (x1 - x0) / (y1 - y0)) if y1 != y0 else float(x0)
 
 
@@ -535,12 +540,16 @@ def _all_subsets(n: int, b: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- per-sample blocks
-def _sample(data, i: int) -> tuple:
+def _sample(data: Sequence[torch.Tensor], i: int) -> tuple[torch.Tensor, ...]:
     return tuple(t[i : i + 1] for t in data)
 
 
 def _vmapped_blocks(
-    loss_fn, theta: dict, mirror: Mirror, data: tuple, chunk_size: int | None
+    loss_fn: BatchLossFn,
+    theta: dict[str, torch.Tensor],
+    mirror: Mirror,
+    data: tuple[torch.Tensor, ...],
+    chunk_size: int | None,
 ) -> torch.Tensor:
     ref = next(iter(theta.values()))
     k = mirror.dim(theta)
@@ -560,14 +569,15 @@ def _vmapped_blocks(
     return mirror.coefficients({n: t.detach() for n, t in hv.items()}, batch_dims=2, tangent=True)
 
 
-def _looped_blocks(loss_fn, theta: dict, mirror: Mirror, data: tuple) -> torch.Tensor:
+def _sample_loss(loss_fn: BatchLossFn, data: tuple[torch.Tensor, ...], i: int) -> LossFn:
+    return lambda p: loss_fn(p, _sample(data, i))
+
+
+def _looped_blocks(
+    loss_fn: BatchLossFn, theta: dict[str, torch.Tensor], mirror: Mirror, data: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     n = data[0].shape[0]
-    return torch.stack(
-        [
-            ProjectedHessian(lambda p, i=i: loss_fn(p, _sample(data, i)), theta, mirror).to_dense()
-            for i in range(n)
-        ]
-    )
+    return torch.stack([ProjectedHessian(_sample_loss(loss_fn, data, i), theta, mirror).to_dense() for i in range(n)])
 
 
 # ---------------------------------------------------------------------- checks

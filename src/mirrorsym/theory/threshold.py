@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.finite import NonFiniteError, check_finite
-from ..core.hessian import ProjectedHessian, checked_loss, gradient, lanczos_min_eig
+from ..core.hessian import LossFn, ProjectedHessian, checked_loss, gradient, lanczos_min_eig
 from ..core.mirror import Mirror
 from ..core.slices import Params
 
@@ -54,17 +54,17 @@ class CriticalWeightDecay:
         return self.gamma
 
 
-def _at(params: Params, mirror: Mirror, project: bool) -> dict:
+def _at(params: Params, mirror: Mirror, project: bool) -> dict[str, torch.Tensor]:
     p = {k: v.detach() for k, v in params.items()}
     return mirror.project(p) if project else p
 
 
-def projected_hessian(loss_fn, params: Params, mirror: Mirror, project: bool = True) -> ProjectedHessian:
+def projected_hessian(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True) -> ProjectedHessian:
     """The linear operator Oᵀ∇²L(θ)O (k×k) built from HVPs; ``.as_linear_operator()`` for scipy."""
     return ProjectedHessian(loss_fn, _at(params, mirror, project), mirror)
 
 
-def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool = True,
+def projected_curvature(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True,
                         max_hvps: int = 100, tol: float = 1e-10,
                         generator: torch.Generator | None = None) -> CriticalWeightDecay:
     """λ_O = λ_min(Oᵀ∇²L O): dense for k ≤ 64 (k HVPs), Lanczos otherwise (≤ ``max_hvps`` HVPs)."""
@@ -87,7 +87,7 @@ def projected_curvature(loss_fn, params: Params, mirror: Mirror, project: bool =
 
 
 
-def critical_weight_decay(loss_fn, params: Params, mirror: Mirror, project: bool = True,
+def critical_weight_decay(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True,
                           max_hvps: int = 100) -> CriticalWeightDecay:
     """γ_c = max(0, −λ_min(Oᵀ∇²L O)/2) in the L + γ‖θ‖² convention (docs/theory.md, Theorem 1).
 
@@ -98,14 +98,14 @@ def critical_weight_decay(loss_fn, params: Params, mirror: Mirror, project: bool
     return projected_curvature(loss_fn, params, mirror, project, max_hvps)
 
 
-def stationarity_residual(loss_fn, params: Params, mirror: Mirror, project: bool = True) -> float:
+def stationarity_residual(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True) -> float:
     """‖Oᵀ∇L(θ)‖: zero up to round-off on the surface of a true mirror symmetry (THEORY.md §2.1)."""
     p = _at(params, mirror, project)
     checked_loss(loss_fn, p)
     return mirror.coefficients(gradient(loss_fn, p), tangent=True).norm().item()
 
 
-def hessian_cross_norm(loss_fn, params: Params, mirror: Mirror, project: bool = True, iters: int = 30,
+def hessian_cross_norm(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True, iters: int = 30,
                        generator: torch.Generator | None = None) -> float:
     """Power-iteration estimate of ‖P∇²L(I − P)‖₂ with P = OOᵀ: zero on the surface of a true mirror
     symmetry (no Hessian cross terms, THEORY.md §2.2). Costs 2 HVPs per iteration."""
@@ -113,13 +113,14 @@ def hessian_cross_norm(loss_fn, params: Params, mirror: Mirror, project: bool = 
     hvp, p = op.hvp, op.params
     gen = generator or torch.Generator().manual_seed(0)
 
-    def off(v):  # (I − P) v
+    def off(v: Params) -> dict[str, torch.Tensor]:  # (I − P) v
         pv = mirror.project_tangent(v)
         return {k: v[k] - pv[k] for k in v}
 
     x = off({k: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for k, t in p.items()})
-    def norm(v):
-        return torch.sqrt(sum((t * t).sum() for t in v.values())).item()
+    def norm(v: Params) -> float:
+        sq = [(t * t).sum() for t in v.values()]
+        return torch.sqrt(sum(sq[1:], sq[0])).item()
 
     sigma, scale = 0.0, None
     for _ in range(iters):

@@ -351,3 +351,15 @@ def test_apply_units_warns_about_an_existing_optimizer():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="optimizer"):
         ms.constrain.apply(model, torch.randn(3, 4), kind="units", optimizer=opt)
+
+
+def test_export_splits_a_low_rank_linear_that_is_the_whole_model():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10).to(F64)
+    ms.constrain.low_rank(lin, "weight")
+    _zero_factor_columns(lin, 2)
+    x = torch.randn(4, 12, dtype=F64)
+    small, report = ms.constrain.export(lin, x)
+    assert isinstance(small, nn.Sequential) and small[0].weight.shape == (2, 12)
+    assert report.split == {"": 2} and count_params(small) == report.params_after == 2 * 12 + 10 * 2 + 10
+    assert _rel_err(lin(x), small(x)) <= 1e-12

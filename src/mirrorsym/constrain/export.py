@@ -185,8 +185,9 @@ def _sync_attributes(module):
         module.num_features = ref.shape[0]
 
 
-def _split_linear(model, path: str, tol: float) -> int | None:
-    """Replace the Linear at ``path`` by two smaller ones if that saves parameters; returns the rank."""
+def _split_linear(model, path: str, tol: float) -> tuple[int, nn.Module] | None:
+    """Replace the Linear at ``path`` by two smaller ones if that saves parameters; returns the rank and
+    the replacement (for ``path == ""``, the model itself is the Linear: the caller swaps the root)."""
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     lin = model.get_submodule(path)
@@ -204,8 +205,10 @@ def _split_linear(model, path: str, tol: float) -> int | None:
         second.weight.copy_((U[:, :r] * root).to(W.dtype))
         if lin.bias is not None:
             second.bias.copy_(lin.bias)
-    setattr(parent, attr, nn.Sequential(first, second))
-    return r
+    split = nn.Sequential(first, second)
+    if path:
+        setattr(parent, attr, split)
+    return r, split
 
 
 def _max_rel_error(y0, y1) -> float:
@@ -253,9 +256,11 @@ def export(
             _shrink(small, group, dead)
     if split_low_rank:
         for path, _ in low_rank_linears.items():
-            rank = _split_linear(small, path, tol)
-            if rank is not None:
-                report.split[path] = rank
+            done = _split_linear(small, path, tol)
+            if done is not None:
+                report.split[path] = done[0]
+                if not path:  # the model itself was the low-rank Linear
+                    small = done[1]
     _refuse_functional_low_rank(model, report)
     report.params_after = count_params(small)
     try:

@@ -1,6 +1,6 @@
 """Mirrors: reflections R = I − 2OOᵀ acting on a few named parameter slices.
 
-Convention (THEORY.md §0–1): θ is the concatenation of the coordinates a mirror touches, O has
+Convention (docs/theory.md#conventions): θ is the concatenation of the coordinates a mirror touches, O has
 orthonormal columns over those coordinates, R = I − 2OOᵀ negates range(O) and fixes ker(Oᵀ). With an
 offset point θ′ the reflection is θ ↦ θ′ + R(θ − θ′) and the symmetric surface is S = {Oᵀ(θ − θ′) = 0}.
 Coordinates a mirror does not touch are left alone, and O is never formed as a d×d matrix.

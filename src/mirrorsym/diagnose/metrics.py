@@ -1,4 +1,4 @@
-"""Collapse metrics as pure tensor functions (THEORY.md §7). No model, no hooks, no training here.
+"""Collapse metrics as pure tensor functions (docs/theory.md#metrics). No model, no hooks, no training here.
 
 Conventions
 -----------
@@ -22,9 +22,9 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-#: Threshold of the "approximate rank" and "srank" (THEORY.md §7: 99 % of the mass).
+#: Threshold of the "approximate rank" and "srank" (docs/theory.md#metrics: 99 % of the mass).
 MASS = 0.99
-#: Dormant: active on fewer than this fraction of the probe inputs (THEORY.md §7).
+#: Dormant: active on fewer than this fraction of the probe inputs (docs/theory.md#metrics).
 DORMANT_FRACTION = 0.01
 #: dead unit: ‖u‖ ≤ DEAD_TOL · max_v ‖v‖ over the layer's units (an absolute floor at the layer's scale)
 DEAD_TOL = 1e-3
@@ -74,12 +74,12 @@ def effective_rank(A: torch.Tensor) -> torch.Tensor:
 
 
 def approx_rank(A: torch.Tensor, mass: float = MASS) -> torch.Tensor:
-    """Approximate rank: smallest k with Σ_{i≤k} σ_i² ≥ mass·Σ σ_i² (THEORY.md §7, mass 0.99)."""
+    """Approximate rank: smallest k with Σ_{i≤k} σ_i² ≥ mass·Σ σ_i² (docs/theory.md#metrics, mass 0.99)."""
     return _mass_rank(singular_values(A) ** 2, mass)
 
 
 def srank(A: torch.Tensor, mass: float = MASS) -> torch.Tensor:
-    """ "srank" (Kumar et al.): smallest k with Σ_{i≤k} σ_i ≥ mass·Σ σ_i (THEORY.md §7, mass 0.99)."""
+    """ "srank" (Kumar et al.): smallest k with Σ_{i≤k} σ_i ≥ mass·Σ σ_i (docs/theory.md#metrics, mass 0.99)."""
     return _mass_rank(singular_values(A), mass)
 
 
@@ -117,7 +117,7 @@ def rank_metrics(
     tol: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """All five rank metrics of ``A`` from one SVD (or from given singular values ``sv`` of a matrix of
-    ``shape``): keys ``eff_rank, approx_rank, srank, stable_rank, num_rank`` (THEORY.md §7 names)."""
+    ``shape``): keys ``eff_rank, approx_rank, srank, stable_rank, num_rank`` (docs/theory.md#metrics names)."""
     if sv is None:
         if A is None:
             raise ValueError("rank_metrics needs a matrix A or its singular values sv (with shape=)")
@@ -138,7 +138,10 @@ def rank_metrics(
 
 # ----------------------------------------------------------------------------- units from parameters
 def default_unit_rtol(dtype: torch.dtype) -> float:
-    """√eps(dtype): units agree to about half the significant digits (3.5e-4 float32, 1.5e-8 float64)."""
+    """√eps(dtype): units agree to about half the significant digits (3.5e-4 float32, 1.5e-8 float64).
+
+    The default of the single-tolerance primitives below (equal up to round-off). ``ms.diagnose`` counts
+    with :func:`count_units` instead: a dead floor ``DEAD_TOL`` and a separate ``DUPLICATE_TOL``."""
     return math.sqrt(torch.finfo(dtype).eps)
 
 
@@ -248,7 +251,7 @@ def unit_activity(acts: torch.Tensor, atol: float = 0.0) -> torch.Tensor:
 
 
 def dead_activations(acts: torch.Tensor, atol: float = 0.0) -> torch.Tensor:
-    """Mask of units with zero activation (|a| ≤ atol) on every probe input (THEORY.md §7)."""
+    """Mask of units with zero activation (|a| ≤ atol) on every probe input (docs/theory.md#metrics)."""
     return unit_activity(acts, atol) == 0
 
 

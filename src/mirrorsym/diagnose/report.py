@@ -456,7 +456,7 @@ def diagnose(
     plots: bool = True,
     progress: bool = False,
 ) -> DiagnoseReport:
-    """How much of ``model`` sits on (or near) its symmetric surfaces, and where (THEORY.md §7).
+    """How much of ``model`` sits on (or near) its symmetric surfaces, and where (docs/theory.md#metrics).
 
     Args:
         model: the network; it is not modified (probe hooks are removed, mode flags restored).

@@ -1,6 +1,6 @@
-"""Gradient noise: when minibatch SGD collapses onto a symmetric surface (THEORY.md §4).
+"""Gradient noise: when minibatch SGD collapses onto a symmetric surface (docs/theory.md#gradient-noise).
 
-Conventions (THEORY.md §0): ``loss_fn(params, batch) -> 0-dim Tensor`` is the **mean** of per-sample
+Conventions (docs/theory.md#conventions): ``loss_fn(params, batch) -> 0-dim Tensor`` is the **mean** of per-sample
 losses over ``batch``, a tuple of tensors indexed along dim 0 from ``data``; weight decay is γ in
 L + γ‖θ‖² (torch ``weight_decay = 2γ``); the mirror is R = I − 2OOᵀ with surface S = {Oᵀ(θ − θ′) = 0}.
 
@@ -133,7 +133,8 @@ class CriticalLRResult:
     ``value``: smallest η at which Λ crosses from > 0 (escape) to < 0 (collapse); 0.0 when μ ≥ 0 (the
     surface attracts at every small η); NaN when no crossing lies in the searched bracket. ``upper``: the
     next root, above which the off-surface dynamics turn unstable again (too large a step), NaN if none
-    in the bracket. ``second_order``: 2|μ|/(μ² + s²) (THEORY.md §4). ``etas``/``lambdas``: the coarse scan.
+    in the bracket. ``second_order``: 2|μ|/(μ² + s²) (docs/theory.md#gradient-noise). ``etas``/``lambdas``: the
+    coarse scan.
     """
 
     value: float
@@ -378,7 +379,7 @@ def lyapunov_exponent(
     method: str = "auto",
     max_enumerate: int = DEFAULT_MAX_ENUMERATE,
 ) -> LyapunovResult:
-    """Top Lyapunov exponent Λ (per step) of SGD's linearised off-surface dynamics (THEORY.md §4).
+    """Top Lyapunov exponent Λ (per step) of SGD's linearised off-surface dynamics (docs/theory.md#gradient-noise).
 
     z_{t+1} = (I − η(Ĥ_t + 2γI)) z_t with Ĥ_t the projected Hessian of a uniform random minibatch of
     ``batch_size`` samples at the projection of ``params`` on the surface; γ = ``gamma`` in the
@@ -409,7 +410,7 @@ def critical_learning_rate(
     grid: int = 48,
 ) -> CriticalLRResult:
     """The learning rate η_c above which minibatch SGD collapses onto the surface: the first root of
-    Λ(η) = 0, and the second-order approximation 2|μ|/(μ² + s²) (THEORY.md §4; definitions for k > 1 in
+    Λ(η) = 0, and the second-order approximation 2|μ|/(μ² + s²) (docs/theory.md#gradient-noise; definitions for k > 1 in
     the module docstring).
 
     Λ(η) is evaluated with common random numbers on ``grid`` geometric points over ``bracket`` (default:
@@ -629,7 +630,7 @@ def _check_samples(num: int) -> int:
 
 
 def _check_decay_keeps_mirror(mirror: Mirror, params: Params, gamma: float) -> None:
-    """γ‖θ‖² is R-invariant only for a mirror through the origin (Oᵀθ′ = 0, THEORY.md §1)."""
+    """γ‖θ‖² is R-invariant only for a mirror through the origin (Oᵀθ′ = 0, docs/theory.md#mirror-symmetry)."""
     _check_gamma(gamma)
     if gamma == 0:
         return

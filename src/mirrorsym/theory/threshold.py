@@ -1,4 +1,4 @@
-"""Theorem 1 quantities (THEORY.md §2), matrix-free.
+"""Theorem 1 quantities (docs/theory.md#theorem-1), matrix-free.
 
 Convention: L_γ(θ) = L(θ) + γ‖θ‖²; ``loss_fn`` is L without decay. PyTorch's coupled
 ``weight_decay=λ`` adds λθ to the gradient, so λ = 2γ (:func:`torch_weight_decay`).
@@ -99,7 +99,7 @@ def critical_weight_decay(loss_fn: LossFn, params: Params, mirror: Mirror, proje
 
 
 def stationarity_residual(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True) -> float:
-    """‖Oᵀ∇L(θ)‖: zero up to round-off on the surface of a true mirror symmetry (THEORY.md §2.1)."""
+    """‖Oᵀ∇L(θ)‖: zero up to round-off on the surface of a true mirror symmetry (docs/theory.md#stationarity)."""
     p = _at(params, mirror, project)
     checked_loss(loss_fn, p)
     return mirror.coefficients(gradient(loss_fn, p), tangent=True).norm().item()
@@ -108,7 +108,7 @@ def stationarity_residual(loss_fn: LossFn, params: Params, mirror: Mirror, proje
 def hessian_cross_norm(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True, iters: int = 30,
                        generator: torch.Generator | None = None) -> float:
     """Power-iteration estimate of ‖P∇²L(I − P)‖₂ with P = OOᵀ: zero on the surface of a true mirror
-    symmetry (no Hessian cross terms, THEORY.md §2.2). Costs 2 HVPs per iteration."""
+    symmetry (no Hessian cross terms, docs/theory.md#hessian-blocks). Costs 2 HVPs per iteration."""
     op = projected_hessian(loss_fn, params, mirror, project)
     hvp, p = op.hvp, op.params
     gen = generator or torch.Generator().manual_seed(0)

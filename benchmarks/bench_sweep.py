@@ -11,6 +11,9 @@ Three ways to train the same grid of runs, timed in interleaved rounds (medians 
     results written to Parquet in a temporary directory): what a user of mirrorsym runs.
 (c) **ideal** — the same runs hand-batched as one tensor program: stacked parameters, manual gradient,
     ``torch.randint`` minibatches, no metrics, no divergence checks, nothing stored. The ceiling.
+(b') with ``--compile``: the engine with ``Sweep.run(..., compile=True)`` (the traced step compiled by
+    inductor), compile time included; the first round may pay a cold inductor cache, later rounds find
+    it warm (per-round times are printed).
 
 The engine draws its minibatches from its own counter-based generator (:mod:`mirrorsym.sweep.rng`), not
 from ``torch.randint``; :func:`mirrorsym.sweep.train_plain` replays a run with ``torch.optim`` on exactly
@@ -30,6 +33,7 @@ Problems:
     python benchmarks/bench_sweep.py --threads 1
     python benchmarks/bench_sweep.py --device cuda   # GPU variant
     python benchmarks/bench_sweep.py --quick         # smoke run (fewer steps, one round)
+    python benchmarks/bench_sweep.py --compile       # also time the engine with compile=True
 
 The last line is ``speedup: <float>``: engine vs plain on the sparsity sweep.
 """
@@ -214,7 +218,7 @@ def _load() -> str:
 
 
 def compare(sweep: ms.sweep.Sweep, plain, ideal, device: str, plain_runs: int, rounds: int,
-            chunk_size: int) -> dict:
+            chunk_size: int, compile_step: bool = False) -> dict:
     """Interleaved rounds of (a) plain on a subset, (b) the engine, (c) the ideal; medians and ratios."""
     data = tuple(t.to(device) for t in sweep.problem.data)
     factory = sweep.problem.model_factory
@@ -224,6 +228,8 @@ def compare(sweep: ms.sweep.Sweep, plain, ideal, device: str, plain_runs: int, r
     ideal(factory, *data, warm, device)
     plain(factory, *data, dict(sweep.configs[0], steps=10), device)
     times: dict[str, list[float]] = {"plain": [], "engine": [], "ideal": []}
+    if compile_step:
+        times["compiled"] = []
     loads = []
     df = None
     plain_hist = {}
@@ -239,6 +245,12 @@ def compare(sweep: ms.sweep.Sweep, plain, ideal, device: str, plain_runs: int, r
             df = sweep.run(out + "/timed", device=device, chunk_size=chunk_size, progress=False)
             _sync(device)
             times["engine"].append(time.perf_counter() - t0)
+            if compile_step:
+                t0 = time.perf_counter()
+                dfc = sweep.run(out + "/compiled", device=device, chunk_size=chunk_size, progress=False,
+                                compile=True)
+                _sync(device)
+                times["compiled"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ideal(factory, *data, sweep.configs, device)
         _sync(device)
@@ -258,16 +270,22 @@ def compare(sweep: ms.sweep.Sweep, plain, ideal, device: str, plain_runs: int, r
           f"{min(loads):.2f}-{max(loads):.2f})")
     print(f"    (a) plain   {med['plain']:8.2f} s  (timed {len(picks)} runs, x{len(sweep) / len(picks):.0f}; "
           f"rounds {', '.join(f'{t:.1f}' for t in times['plain'])})")
-    for key, label in (("engine", "(b) engine"), ("ideal", "(c) ideal ")):
+    labels = [("engine", "(b) engine"), ("ideal", "(c) ideal ")]
+    if compile_step:
+        labels.insert(1, ("compiled", "(b') comp."))
+    for key, label in labels:
         per_round = [p / t for p, t in zip(times["plain"], times[key], strict=True)]
         print(f"    {label}  {med[key]:8.2f} s  {med['plain'] / med[key]:6.1f}x plain  (rounds "
               f"{', '.join(f'{t:.2f}' for t in times[key])}; per-round ratio "
               f"{', '.join(f'{r:.1f}' for r in per_round)})")
     print(f"    engine time / ideal time: {med['engine'] / med['ideal']:.2f}")
+    if compile_step:
+        drift = float(np.max(np.abs(dfc["loss"] - df["loss"]) / np.maximum(1.0, np.abs(df["loss"]))))
+        print(f"    compiled vs uncompiled engine: max rel. final-loss diff {drift:.1e}")
     print(f"    engine vs its correctness reference (train_plain, engine minibatches): max rel. final-loss "
           f"diff {ref_diff:.1e} over {len(refs)} runs; vs plain (other minibatches): median rel. diff "
           f"{stat_diff:.1e}; diverged {int((df['status'] == 'diverged').sum())}")
-    return {"plain": med["plain"], "engine": med["engine"], "ideal": med["ideal"], "ref_diff": ref_diff}
+    return {**med, "ref_diff": ref_diff}
 
 
 def main() -> None:
@@ -279,6 +297,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", choices=["hadamard", "digits"], default=None)
+    parser.add_argument("--compile", action="store_true", help="also time Sweep.run(..., compile=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,11 +312,11 @@ def main() -> None:
     hadamard = None
     if args.only in (None, "digits"):
         digits = compare(digits_sweep(100 if args.quick else 500), plain_digits, ideal_digits, device,
-                         min(args.plain_runs, 8), rounds, args.chunk_size)
+                         min(args.plain_runs, 8), rounds, args.chunk_size, args.compile)
         print(f"digits speedup: {digits['plain'] / digits['engine']:.2f}")
     if args.only in (None, "hadamard"):
         hadamard = compare(hadamard_sweep(200 if args.quick else 2000), plain_hadamard, ideal_hadamard, device,
-                           args.plain_runs, rounds, args.chunk_size)
+                           args.plain_runs, rounds, args.chunk_size, args.compile)
     print(f"load average (1/5/15 min) at end: {_load()}")
     if hadamard is not None:
         print(f"speedup: {hadamard['plain'] / hadamard['engine']:.2f}")

@@ -493,3 +493,26 @@ def test_chunks_are_cut_for_the_workers():
     assert [len(c) for c in ms.sweep.plan_chunks(configs, 16, workers=3)] == [16, 16, 16, 12]  # as local
     assert [len(c) for c in ms.sweep.plan_chunks(configs[:5], 2, workers=4)] == [2, 1, 1, 1]
     assert [c["seed"] for ch in ms.sweep.plan_chunks(configs, 7, workers=5) for c in ch] == list(range(60))
+
+
+def test_untraceable_or_uncompilable_steps_fall_back_with_a_warning(tmp_path, monkeypatch):
+    import torch.fx.experimental.proxy_tensor as proxy_tensor
+
+    grid = {"lr": [0.05, 0.2], "momentum": 0.9, "batch_size": 8, "steps": 40}
+    reference = make_sweep(grid, record_every=10).run(tmp_path / "traced", progress=False)
+
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    with pytest.warns(UserWarning, match="torch.compile of the training step failed.*no C.. compiler"):
+        compiled = make_sweep(grid, record_every=10).run(tmp_path / "compiled", progress=False, compile=True)
+    assert_same_rows(compiled, reference)  # the traced step, uncompiled
+
+    def no_trace(fn, *args, **kwargs):
+        raise NotImplementedError("an op the tracer does not know")
+
+    monkeypatch.setattr(proxy_tensor, "make_fx", no_trace)
+    with pytest.warns(UserWarning, match="could not trace the training step.*running it eagerly"):
+        eager = make_sweep(grid, record_every=10).run(tmp_path / "eager", progress=False)
+    assert_same_rows(eager, reference, exact=False)

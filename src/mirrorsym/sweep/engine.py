@@ -33,7 +33,7 @@ blocks (the intervals between metric records, at most a few hundred steps): the 
 indices, noise and learning rates are drawn on the host in one go, the steps run without any host
 synchronisation, and divergence is checked once at the block's end; a block in which a copy diverged
 is replayed from its start with the per-step freezing above (same values for the other copies).
-Metrics are traced too and evaluated on groups of copies small enough to stay in cache on a CPU.
+Metrics are evaluated (vmapped) on groups of copies small enough to stay in cache on a CPU.
 Models the tracer cannot handle run eagerly (same results up to round-off, with a warning); chunks of
 fewer than ``TRACE_MIN_STEPS`` steps always do (tracing would cost more than it saves).
 """
@@ -87,6 +87,7 @@ class Problem:
     metrics: Mapping[str, Callable]
     record_every: int
     name: str
+    compile_step: bool = False  # torch.compile the traced step (see train_chunk)
 
     @property
     def n(self) -> int:
@@ -222,6 +223,7 @@ class _Chunk:
         self.use_noise = any(c["noise"] > 0 for c in configs)
         self.use_anchor = any(c["decay_to_offset_sigma"] > 0 for c in configs)
         self.use_momentum = self.optimizer == "sgd" and any(c["momentum"] > 0 for c in configs)
+        self.use_decay = any(c["weight_decay"] > 0 for c in configs)  # else the decay terms are skipped
         self.alive = torch.ones(self.K, dtype=torch.bool, device=device)
         self.diverged_step = torch.full((self.K,), -1, dtype=torch.long, device=device)
         self._hyper(configs)
@@ -265,7 +267,7 @@ class _Chunk:
     @property
     def schedule_names(self) -> list[str]:
         if self.optimizer == "sgd":
-            return ["lr"]
+            return ["neg_lr"]
         names = ["neg_step_size", "bc2_sqrt"]
         if self.optimizer == "adamw":
             names.append("decay")
@@ -275,7 +277,7 @@ class _Chunk:
         """Per-step (K,) scalars of the update for a block, as (count, K) tensors (host float64 maths, then
         cast: the same numbers the torch optimizers compute in Python floats)."""
         lr = lr_schedule(self.configs, step0, count)
-        out = {"lr": lr}
+        out = {"neg_lr": -lr}
         if self.optimizer != "sgd":
             s = np.arange(step0 + 1, step0 + count + 1, dtype=np.float64)[:, None]
             beta1 = np.array([c["beta1"] for c in self.configs])
@@ -314,6 +316,7 @@ class _Chunk:
         buffer_names, hyper_names, sched_names = list(self.buffers), self.hyper_names, self.schedule_names
         optimizer, nesterov, clip = self.optimizer, self.nesterov, self.clip
         use_noise, use_anchor, state_kinds = self.use_noise, self.use_anchor, self.state_kinds
+        use_decay = self.use_decay
         names = self.names
 
         def step(*args):
@@ -347,26 +350,29 @@ class _Chunk:
                 g = [gi * _broadcast(coef, gi) for gi in g]
             new_params, new_state = [], {kind: [] for kind in state_kinds}
             for j, p in enumerate(params):
+                # x + s·y as one addcmul (s per copy): the same expression torch's optimizers evaluate
                 d = p - h["anchor"][j] if use_anchor else p
                 gj = g[j]
                 if optimizer == "sgd":
-                    gj = gj + h["weight_decay"][j] * d
+                    if use_decay:
+                        gj = torch.addcmul(gj, h["weight_decay"][j], d)
                     if state_kinds:
-                        buf = h["momentum"][j] * state["momentum"][j] + gj
+                        buf = torch.addcmul(gj, h["momentum"][j], state["momentum"][j])
                         new_state["momentum"].append(buf)
-                        gj = gj + h["momentum"][j] * buf if nesterov else buf
-                    new_params.append(p - _broadcast(sched["lr"], p) * gj)
+                        gj = torch.addcmul(gj, h["momentum"][j], buf) if nesterov else buf
+                    new_params.append(torch.addcmul(p, _broadcast(sched["neg_lr"], p), gj))
                     continue
                 if optimizer == "adam":
-                    gj = gj + h["weight_decay"][j] * d
-                elif use_anchor:
+                    if use_decay:
+                        gj = torch.addcmul(gj, h["weight_decay"][j], d)
+                elif use_decay and use_anchor:
                     p = p - _broadcast(sched["decay"], p) * d
-                else:
+                elif use_decay:
                     p = p * _broadcast(sched["decay"], p)
                 a = torch.lerp(state["exp_avg"][j], gj, h["one_minus_beta1"][j])
-                b = state["exp_avg_sq"][j] * h["beta2"][j] + (h["one_minus_beta2"][j] * gj) * gj
+                b = torch.addcmul(state["exp_avg_sq"][j] * h["beta2"][j], h["one_minus_beta2"][j] * gj, gj)
                 denom = torch.sqrt(b) / _broadcast(sched["bc2_sqrt"], p) + h["eps"][j]
-                new_params.append(p + _broadcast(sched["neg_step_size"], p) * (a / denom))
+                new_params.append(torch.addcmul(p, _broadcast(sched["neg_step_size"], p), a / denom))
                 new_state["exp_avg"].append(a)
                 new_state["exp_avg_sq"].append(b)
             return (*new_params, *[t for kind in state_kinds for t in new_state[kind]], loss)
@@ -434,12 +440,29 @@ def _trace(fn: Callable, args: Sequence[torch.Tensor], what: str) -> Callable:
         return fn
 
 
-class _Metrics:
-    """Metric evaluation for a chunk, on groups of G copies (one traced graph for G; the last group is
-    padded with copies from the start). On a CPU, G keeps the largest intermediate (≈ eval rows × widest
-    layer per copy) near ``METRIC_BUDGET`` elements, so that it stays in cache; elsewhere G = K."""
+def _compile(graph_module, example: Sequence[torch.Tensor]) -> Callable:
+    """``torch.compile`` a traced step (compiled on this first call), or the graph itself on failure."""
+    try:
+        compiled = torch.compile(graph_module, dynamic=False, fullgraph=True)
+        compiled(*example)
+        return compiled
+    except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"mirrorsym.sweep: torch.compile of the training step failed ({reason}); running the "
+                          "traced step uncompiled", stacklevel=4)
+        return graph_module
 
-    def __init__(self, chunk: _Chunk, trace: bool):
+
+class _Metrics:
+    """Metric evaluation for a chunk (vmapped, eager), on groups of G copies (the last group is padded
+    with copies from the start, so that every call has one shape). On a CPU, G keeps the largest
+    intermediate (≈ eval rows × widest layer per copy) near ``METRIC_BUDGET`` elements, so that it stays
+    in cache; elsewhere G = K. Metrics are not traced: recorded a few dozen times per run, they do not
+    repay the tracing time (measured on the benchmark problems)."""
+
+    def __init__(self, chunk: _Chunk):
         self.chunk, self.K = chunk, chunk.K
         self.n_metrics = len(chunk.problem.metrics)
         G = self.K
@@ -451,8 +474,6 @@ class _Metrics:
         groups = -(-self.K // G)
         self.G = -(-self.K // groups)  # balanced: the padding is less than one group
         self.fn = chunk.metric_function()
-        if trace and self.n_metrics:
-            self.fn = _trace(self.fn, self._args(chunk.state[:len(chunk.names)], 0), "metrics")
 
     def _args(self, params: Sequence[torch.Tensor], lo: int) -> list[torch.Tensor]:
         hi = lo + self.G
@@ -507,8 +528,12 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
     chunk; one row dict per run.
 
     ``on_progress(copy_steps)`` is called on the host after each block (no device sync). ``trace``:
-    trace the step and metrics with ``make_fx`` (default: when the chunk has at least
-    ``TRACE_MIN_STEPS`` steps); False runs them eagerly under vmap.
+    trace the step with ``make_fx`` (default: when the chunk has at least
+    ``TRACE_MIN_STEPS`` steps); False runs them eagerly under vmap. With ``problem.compile_step`` the
+    traced step is also compiled by ``torch.compile`` (inductor: fused loops, e.g. no (K, B, d)
+    intermediate for an elementwise product and its sum). Compiling costs seconds to a minute (less when
+    inductor's on-disk cache already holds the graph), so it pays back on long runs only; results equal
+    the uncompiled ones up to round-off. If compiling fails, the step runs uncompiled (with a warning).
     """
     with torch.no_grad():
         chunk = _Chunk(problem, configs, resolve_device(device))
@@ -520,7 +545,7 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
                                                       if chunk.use_noise else 0)
     blocks = _blocks(marks, max(1, min(MAX_BLOCK, INDEX_BUDGET // max(per_step, 1))))
     step_fn = chunk.step_function()
-    metrics = _Metrics(chunk, trace)
+    metrics = _Metrics(chunk)
     later_marks = set(marks[1:])
     history: list[list[torch.Tensor]] = []
     consts = list(chunk.buffers.values()) + chunk.hyper
@@ -547,6 +572,8 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
             if program is None:
                 example = (*carry, *inputs(block, 0))
                 program = _trace(step_fn, example, "training step") if trace else step_fn
+                if problem.compile_step and program is not step_fn:
+                    program = _compile(program, example)
             snapshot, losses = carry, []
             for s in range(count):
                 out = program(*carry, *inputs(block, s))

@@ -447,7 +447,7 @@ class Sweep:
 
     def run(self, out_dir, backend: str = "local", address: str | None = None, device="auto",
             chunk_size: int = 128, progress: bool = True, ray_options: dict | None = None,
-            wait_timeout: float = 3600.0) -> pd.DataFrame:
+            wait_timeout: float = 3600.0, compile: bool = False) -> pd.DataFrame:
         """Train every run not yet in ``out_dir`` and return this sweep's rows in grid order.
 
         ``out_dir``: a local path, a ``file://`` URL, or a pyarrow/fsspec filesystem URL (``s3://...``;
@@ -470,13 +470,19 @@ class Sweep:
         Several processes may run the same sweep into one ``out_dir`` at once: each trains the chunks no
         other live process has claimed, then waits for the others' chunks; ``wait_timeout`` seconds
         without any chunk finishing raise ``TimeoutError`` naming the processes waited for.
+
+        ``compile=True`` compiles each chunk's traced step with ``torch.compile`` (inductor): several times
+        faster per step for elementwise-heavy models, but compiling takes seconds to a minute per chunk
+        shape, so it pays back on long runs only (see BENCHMARKS.md). Results equal the uncompiled ones
+        up to round-off.
         """
         if backend not in BACKENDS:
             raise ValueError(f"mirrorsym.sweep: backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"mirrorsym.sweep: chunk_size must be an int >= 1, got {chunk_size!r}")
         fp = self.fingerprint()
-        problem = dataclasses.replace(self.problem, name=self._salted_name(fp))  # rows get the salted ids
+        problem = dataclasses.replace(self.problem, name=self._salted_name(fp),  # rows get the salted ids
+                                      compile_step=bool(compile))
         ids = self.run_ids
         store = ResultStore(out_dir)
         old = store.open(self._meta(fp), write=False)  # written after the trial: broken inputs leave no trace

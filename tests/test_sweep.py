@@ -2,11 +2,9 @@
 
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
+import traceback
 
 import numpy as np
 import pandas as pd
@@ -233,65 +231,71 @@ def test_rerun_skips_finished_runs_and_store_roundtrips(tmp_path):
         make_sweep(grid, metrics={"loss": "loss"}).run(tmp_path, progress=False)
 
 
-CHILD = textwrap.dedent("""
-    import sys, time
-    import torch
-    from torch import nn
-    sys.path.insert(0, {tests!r})
-    import test_sweep as T
-    import mirrorsym as ms
-
-    def slow_factory(seed):
-        time.sleep(0.3)
-        return T.tanh_mlp(seed)
-
-    grid = {{"lr": [0.05, 0.1, 0.2], "seed": [0, 1], "momentum": 0.9, "batch_size": 8, "steps": 30}}
-    sweep = ms.sweep.Sweep(slow_factory, nn.functional.mse_loss, T.make_data(), grid, metrics=T.METRICS,
-                           record_every=7)
-    sweep.run(sys.argv[1], chunk_size=2, progress=len(sys.argv) > 2, device="cpu")
-""")
+def slow_factory(seed):
+    time.sleep(0.3)  # slow enough that a kill lands between chunks
+    return tanh_mlp(seed)
 
 
-def start_child(tmp_path, out_dir, *extra):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(script), str(out_dir), *extra]
-    return cmd, env, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+def interruptible_sweep():
+    grid = {"lr": [0.05, 0.1, 0.2], "seed": [0, 1], "momentum": 0.9, "batch_size": 8, "steps": 30}
+    return ms.sweep.Sweep(slow_factory, nn.functional.mse_loss, make_data(), grid, metrics=METRICS, record_every=7)
 
 
-def wait_for_first_chunk(proc, out_dir):
+def fork_sweep(out_dir, progress=False, stderr=None) -> int:
+    """Run the sweep in a forked child (torch already imported: no interpreter start-up); its stderr goes
+    to the file ``stderr``. Returns the child's pid; it exits 0 on success, 1 on any exception."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if stderr is not None:
+                sys.stderr = open(stderr, "w", buffering=1)  # closed by os._exit
+            interruptible_sweep().run(out_dir, chunk_size=2, progress=progress, device="cpu")
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def wait_for_first_chunk(pid, out_dir):
     deadline = time.time() + 60
     while time.time() < deadline and not list((out_dir / "runs").glob("chunk-*.parquet")):
-        assert proc.poll() is None, "the child finished or crashed before its first chunk was seen"
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the child finished or crashed before its first chunk"
         time.sleep(0.01)
+
+
+def exit_code(pid) -> int:
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 @pytest.mark.slow
 def test_resume_after_kill_9_loses_and_duplicates_nothing(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    cmd, env, proc = start_child(tmp_path, killed)
-    wait_for_first_chunk(proc, killed)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    reference = interruptible_sweep().run(clean, chunk_size=2, progress=False, device="cpu")
+    pid = fork_sweep(killed)
+    wait_for_first_chunk(pid, killed)
+    os.kill(pid, signal.SIGKILL)
+    assert exit_code(pid) == -signal.SIGKILL
     written = len(list((killed / "runs").glob("chunk-*.parquet")))
     assert 1 <= written < 3, f"kill landed after {written} of 3 chunks: the test did not interrupt the sweep"
-    subprocess.run(cmd, env=env, check=True)
-    subprocess.run([*cmd[:2], str(clean)], env=env, check=True)
-    resumed, reference = ms.sweep.load_results(killed), ms.sweep.load_results(clean)
-    assert len(reference) == 6 and resumed["run_id"].is_unique
-    assert_same_rows(resumed, reference)
+    assert exit_code(fork_sweep(killed)) == 0  # the resumed run, in another process
+    resumed = ms.sweep.load_results(killed)
+    assert len(resumed) == 6 and resumed["run_id"].is_unique
+    assert_same_rows(resumed, reference.sort_values("run_id").reset_index(drop=True))
     assert not list((killed / "runs").glob(".*"))
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_finished_chunks_saved(tmp_path):
-    out = tmp_path / "interrupted"
-    _, _, proc = start_child(tmp_path, out, "progress")
-    wait_for_first_chunk(proc, out)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "sweep interrupted" in stderr
+    out, err = tmp_path / "interrupted", tmp_path / "stderr.txt"
+    pid = fork_sweep(out, progress=True, stderr=err)
+    wait_for_first_chunk(pid, out)
+    os.kill(pid, signal.SIGINT)
+    assert exit_code(pid) != 0 and "sweep interrupted" in err.read_text()
     files = list((out / "runs").glob("chunk-*.parquet"))
     assert 1 <= len(files) < 3 and not list((out / "runs").glob(".*"))
     rows = ms.sweep.load_results(out)

@@ -13,7 +13,9 @@ Example (Hadamard regression, THEORY.md §3 closed form A)::
     )
     df = sweep.run("runs/hadamard", backend="local", device="auto", chunk_size=128)
 
-``weight_decay`` is torch's coupled λ: the objective is L + γ‖θ‖² with **γ = λ/2** (THEORY.md §0).
+``weight_decay`` is torch's coupled λ: the objective is L + γ‖θ‖² with **γ = λ/2** (THEORY.md §0), for
+``optimizer`` "sgd" (default) and "adam"; "adamw" decays decoupled (θ ← θ − ηλθ), which is no penalty
+(see :mod:`mirrorsym.sweep.config` for optimizers, schedules and clipping).
 
 **Run identity.** A run's id hashes the sweep name, its config and the sweep's *fingerprint*: digests of
 everything else that determines its result (see :meth:`Sweep.fingerprint`): the data tensors (bytes,
@@ -334,8 +336,11 @@ class Sweep:
 
     Args:
         model_factory: ``seed -> nn.Module``, deterministic in the seed, one architecture for all seeds.
-            Buffers are constants during training (no BatchNorm in train mode: running stats cannot be
-            updated in place under vmap; use eval-mode norms, GroupNorm or LayerNorm).
+            Buffers are constants during training: BatchNorm in train mode (running statistics updated in
+            place) and dropout in train mode (no per-copy generator) are refused with
+            :class:`~mirrorsym.sweep.engine.UnsupportedModel` naming the module; use eval-mode norms,
+            GroupNorm or LayerNorm and p = 0, or train such runs one by one. The forward and loss are
+            traced once per chunk (``make_fx``): Python side effects in them run once, not every step.
         loss_fn: ``loss_fn(model(x), *targets) -> 0-dim Tensor`` (a mean over the batch).
         data: a Tensor or tuple ``(x, *targets)`` indexed along dim 0 (floating tensors are cast to the
             parameters' dtype; integer targets are kept).

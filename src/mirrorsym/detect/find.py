@@ -569,7 +569,7 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         for leaf in _leaves(det, atoms):
             touch(leaf, key)
             members[(leaf, key)].add((name, dim, role))
-    _merge_shared_members(seg, members, nodes_of_leaf)
+    _merge_shared_members(det, seg, members, nodes_of_leaf)
 
     groups: list[SymmetryGroup] = []
     for leaf in sorted(nodes_of_leaf.keys() | coords.keys()):
@@ -604,18 +604,53 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
     return groups
 
 
-def _merge_shared_members(seg: _UF, members: dict, nodes_of_leaf: dict) -> None:
-    """A parameter slice that takes part in two segments of one unit class (a tied embedding and LM head,
-    a module called twice) takes one transform: its segments are one."""
-    first: dict = {}
+def _merge_shared_members(det: Detector, seg: _UF, members: dict, nodes_of_leaf: dict) -> None:
+    """A parameter slice that takes part in two segments of one unit class takes one transform, so its
+    segments are one: when the parameter is used by two ops (a tied embedding and LM head, a module
+    called twice), or when the slice plays the same role in both (the columns of a packed projection
+    read both the query stream and the memory). A slice that one op reads in one segment and writes in
+    the next (a depthwise conv's channel) is one multiplication and ties nothing."""
+    shared = _shared_parameters(det)
+    uses: dict = defaultdict(list)  # (leaf, name, dim) -> [(key, role)]
     for (leaf, key), entries in members.items():
         for name, dim, role in entries:
             if role != "bn_exit":
-                seg.union((leaf, first.setdefault((leaf, name, dim), key)), (leaf, key))
+                uses[(leaf, name, dim)].append((key, role))
     for leaf, keys in nodes_of_leaf.items():
         for key in keys:
             if key[0] == "p":  # a parameter used directly as an operand
-                seg.union((leaf, first.setdefault((leaf, key[1], key[2]), key)), (leaf, key))
+                uses[(leaf, key[1], key[2])].append((key, "source"))
+    for (leaf, name, _), found in uses.items():
+        roles = [role for _, role in found]
+        if name in shared or len(set(roles)) < len(roles):
+            for key, _ in found[1:]:
+                seg.union((leaf, found[0][0]), (leaf, key))
+
+
+def _shared_parameters(det: Detector) -> set[str]:
+    """Names of the parameters that more than one op of the traced graph uses."""
+    graph = det.ep.graph_module.graph if det.mode == "export" and det.ep is not None else det.gm.graph
+    uses: dict[str, int] = defaultdict(int)
+    if det.mode == "export" and det.ep is not None:
+        sig = det.ep.graph_signature
+        names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        for node in graph.nodes:
+            if node.op == "placeholder" and node.name in names:
+                uses[names[node.name]] += len(node.users)
+    else:
+        modules = dict(det.gm.named_modules())
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                uses[str(node.target)] += len(node.users)
+            elif node.op == "call_module":
+                for pname, _ in modules[str(node.target)].named_parameters(prefix=str(node.target)):
+                    uses[pname] += 1
+    canonical = {id(t): n for n, t in det.model.named_parameters()}
+    aliases = {n: canonical.get(id(t), n) for n, t in det.model.named_parameters(remove_duplicate=False)}
+    total: dict[str, int] = defaultdict(int)
+    for name, k in uses.items():
+        total[aliases.get(name, name)] += k
+    return {name for name, k in total.items() if k > 1}
 
 
 def _class_members(entries, n, is_buffer) -> list[Member] | None:

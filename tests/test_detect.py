@@ -724,3 +724,17 @@ def test_unsupported_variant_is_cut_with_a_warning_not_invented():
     with pytest.warns(Warning, match="Bilinear"):
         smap = ms.find_symmetries(M(), torch.randn(2, 4))
     assert smap.groups == []
+
+
+def test_depthwise_conv_between_batchnorms_keeps_both_bn_scale_groups():
+    """An inverted-residual block (MobileNetV2): the depthwise conv reads channel c in one segment and
+    writes it in the next. That is one multiplication, not a tie, so both BatchNorms absorb a scaling."""
+    torch.manual_seed(0)
+    block = nn.Sequential(
+        nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4),
+    ).eval()
+    smap = ms.find_symmetries(block, torch.randn(2, 3, 6, 6))
+    bn = sorted(g.layers[0] for g in smap.by_kind("bn_scale"))
+    assert bn == ["0", "3"]  # the last BatchNorm writes the model's output: its channels are fixed

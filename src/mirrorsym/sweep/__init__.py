@@ -4,7 +4,7 @@ Entry points: :class:`Sweep` (``.run(out_dir, backend="local"|"ray", address=Non
 chunk_size=128) -> DataFrame``; ``out_dir`` a path or a filesystem URL) and :func:`load_results`.
 Optimizers: SGD (momentum, Nesterov), Adam, AdamW, step/cosine schedules and gradient clipping
 (:mod:`mirrorsym.sweep.config`). Conventions: ``weight_decay`` is torch's coupled λ, i.e. γ = λ/2 in
-L + γ‖θ‖² (THEORY.md §0), except for AdamW (decoupled decay: no penalty); every random draw of a run is
+L + γ‖θ‖² (docs/theory.md#conventions), except for AdamW (decoupled decay: no penalty); every random draw of a run is
 a function of its seed (:mod:`mirrorsym.sweep.rng`), so a plain PyTorch loop reproduces any run
 (:func:`mirrorsym.sweep.reference.train_plain`).
 """

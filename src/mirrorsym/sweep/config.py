@@ -6,7 +6,7 @@ A *run config* is a flat dict with one value for every standard field and every 
 ``lr``                      learning rate η > 0 (required)
 ``batch_size``              minibatch size B, 1 ≤ B ≤ n (required); B = n is full-batch GD
 ``steps``                   number of optimisation steps ≥ 1 (required)
-``weight_decay``            torch's *coupled* λ ≥ 0 (default 0): the gradient gets + λθ. In THEORY.md's
+``weight_decay``            torch's *coupled* λ ≥ 0 (default 0): the gradient gets + λθ. In docs/theory.md's
                             L + γ‖θ‖² convention **γ = λ/2**
 ``momentum``                heavy-ball μ ∈ [0, 1) (default 0), torch.optim.SGD semantics
                             (dampening 0, no Nesterov)
@@ -14,7 +14,7 @@ A *run config* is a flat dict with one value for every standard field and every 
                             random draw of the run (see :mod:`mirrorsym.sweep.rng`)
 ``noise``                   option: std σ ≥ 0 of Gaussian noise added to every gradient coordinate
 ``decay_to_offset_sigma``   option: σ₀ ≥ 0; decay pulls towards a fixed random point θ₀ ~ N(0, σ₀²I)
-                            drawn once per run (λ(θ − θ₀) replaces λθ; THEORY.md §6). No effect at λ = 0
+                            drawn once per run (λ(θ − θ₀) replaces λθ; docs/theory.md#syre). No effect at λ = 0
 ==========================  =========================================================================
 
 Optimizer options (each equal to the torch optimizer on the same minibatches; see
@@ -124,7 +124,7 @@ def register_option(name: str, default, check: Callable[[object], str | None] | 
     returns an error message or None; ``transform_model(module, value, config)`` returns the module to
     train, e.g. parametrised (runs also at the default value, so make it a no-op there). Run ids only
     hash options that differ from their default, so registering an option changes no existing id.
-    Example, symmetry removal as a parametrisation (THEORY.md §6)::
+    Example, symmetry removal as a parametrisation (docs/theory.md#syre)::
 
         def remove(module, sigma, config):
             if sigma > 0:

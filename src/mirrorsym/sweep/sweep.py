@@ -1,6 +1,6 @@
 """``Sweep``: a model factory + loss + data + grid + metrics, trained as vmapped chunks, stored, resumable.
 
-Example (Hadamard regression, THEORY.md §3 closed form A)::
+Example (Hadamard regression, docs/theory.md#closed-form-a)::
 
     sweep = ms.sweep.Sweep(
         model_factory=lambda seed: Hadamard(d=100, seed=seed),
@@ -13,7 +13,7 @@ Example (Hadamard regression, THEORY.md §3 closed form A)::
     )
     df = sweep.run("runs/hadamard", backend="local", device="auto", chunk_size=128)
 
-``weight_decay`` is torch's coupled λ: the objective is L + γ‖θ‖² with **γ = λ/2** (THEORY.md §0), for
+``weight_decay`` is torch's coupled λ: the objective is L + γ‖θ‖² with **γ = λ/2** (docs/theory.md#conventions), for
 ``optimizer`` "sgd" (default) and "adam"; "adamw" decays decoupled (θ ← θ − ηλθ), which is no penalty
 (see :mod:`mirrorsym.sweep.config` for optimizers, schedules and clipping).
 

@@ -40,21 +40,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch
             if d is not None:
                 bad.append(f"{name} ({d})")
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise NonFiniteError(
-            f"{what} {', '.join(bad[:3])}{more} is not finite; a check on non-finite values would pass "
+            f"{what} {_some(bad)} is not finite; a check on non-finite values would pass "
             "by accident, so it is refused. Fix the model or data (e.g. reload the weights, lower the "
             "learning rate) and run it again."
         )
+
+
+def _some(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
 
 
 def check_materialized(model: torch.nn.Module) -> None:
     """Refuse parameters or buffers on the ``meta`` device (shapes without values) by name."""
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if meta:
-        more = f" and {len(meta) - 3} more" if len(meta) > 3 else ""
         raise ValueError(
-            f"{', '.join(meta[:3])}{more} of {type(model).__name__} are on the meta device (shapes without "
+            f"{_some(meta)} of {type(model).__name__} are on the meta device (shapes without "
             "values, e.g. a model built under torch.device('meta')); materialise them first, e.g. "
             "model.to_empty(device='cpu') and then load or initialise the weights"
         )

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .monitor import callback_class
+
 if TYPE_CHECKING:
     import pandas as pd
     from torch import nn
@@ -121,11 +123,4 @@ _BUILT: dict[Any, type] = {}
 
 
 def __getattr__(name: str) -> type:
-    if name == "SymmetryMonitorCallback":
-        # one class per base class, looked up on every access (not cached in the module's globals), so the
-        # class always derives from the Callback that is importable now
-        base = _callback_base()
-        if base not in _BUILT:
-            _BUILT[base] = _build(base)
-        return _BUILT[base]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return callback_class(__name__, name, _callback_base, _build, _BUILT)

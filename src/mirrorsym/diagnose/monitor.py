@@ -11,7 +11,7 @@ with probe data also ``mirrorsym/probe/<layer>/<dead|dormant|eff_rank>``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -242,3 +242,16 @@ class SymmetryMonitor:
             return None
         df = pd.concat(self._acts, ignore_index=True)
         return df[["step", *[c for c in df.columns if c != "step"]]]
+
+
+def callback_class(module: str, name: str, base: Callable[[], Any], build: Callable[[Any], type],
+                   cache: dict[Any, type]) -> type:
+    """``SymmetryMonitorCallback`` of a framework module (Lightning, Hugging Face), built lazily: one class
+    per base class, looked up on every access (not cached in the module's globals), so the class always
+    derives from the framework Callback that is importable now."""
+    if name != "SymmetryMonitorCallback":
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    b = base()
+    if b not in cache:
+        cache[b] = build(b)
+    return cache[b]

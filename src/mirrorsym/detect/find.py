@@ -207,7 +207,8 @@ def _float64_bytes(module: nn.Module) -> int:
 
 
 def _to64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
+    """A float64 copy (never the model's own storage, so nothing run on the shell can write into it)."""
+    return t.detach().to(torch.float64, copy=True) if t.is_floating_point() else t.detach().clone()
 
 
 def _clone_tree(x):
@@ -265,8 +266,6 @@ class _Swapper:
                     v = _to64(t)
                     members = self.members.get(id(t))
                     if members:
-                        if v.dtype == t.dtype:  # .to() returned the model's own storage: never edit it
-                            v = v.clone()
                         with torch.no_grad():
                             for m in members:
                                 self.group._act_(v, m, self.element)

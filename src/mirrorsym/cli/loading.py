@@ -245,6 +245,9 @@ def _from_huggingface_folder(path: Path) -> nn.Module:
     except Exception as exc:
         raise UserError(f"MODEL {path}: transformers.AutoModel.from_pretrained failed ({type(exc).__name__}: "
                         f"{one_line(exc)[:300]})") from exc
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):  # a key/value cache is not a tensor output: trace without it
+        model.config.use_cache = False
     return model.eval()
 
 

@@ -66,6 +66,6 @@ def render(smap: SymmetryMap, spec: str, notes: list[str], console: Console) -> 
     total = sum(g.num_coordinates for g in smap.groups)
     console.print(
         f"Total: {smap.summary()}, moving {total:,} parameter coordinates (counted per group); errors "
-        "from the joint float64 check (SymmetryMap.verify measures each group alone)"
+        "from a float64 check of each group alone"
         + (f"; {len(smap.unknown_ops)} op types not understood" if smap.unknown_ops else "")
     )

@@ -33,6 +33,12 @@ def test_each_experiment_tiny_passes_its_checks(name, tmp_path):
     failed = [c for c in claims if c["kind"] == "check" and not c["passed"]]
     assert code == 0 and not failed, failed  # findings may come out either way; checks may not
     assert list((tmp_path / name).glob("*.png"))
+    ran = json.loads((tmp_path / name / "results.json").read_text())["execution"]
+    assert ran["device"] == "cpu" and ran["backend"] == "local"
+    swept = [p.parent.name for p in (tmp_path / name).glob("*/sweep.json")]
+    assert sorted(s["store"] for s in ran["sweeps"]) == sorted(swept)  # every sweep store is recorded
+    assert ran["engine"] == ("mirrorsym.sweep" if swept else "in-process")
+    assert ran["n_runs"] == sum(s["n_runs"] for s in ran["sweeps"]) and (ran["n_runs"] > 0) == bool(swept)
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,24 @@ class Context:
     seed: int = 0
     progress: Any = None  # rich.progress.Progress or None
     data_dir: Path | None = None
+    sweeps: list[dict] = field(default_factory=list)  # what each ``ctx.sweep`` ran (see ``execution``)
+
+    def sweep(self, sweep: Any, store: str = "sweep"):
+        """Run a :class:`mirrorsym.sweep.Sweep` with this context's backend, address and device into
+        ``out_dir/<store>`` (resumable) and record what ran; returns its DataFrame. Every grid of an
+        experiment goes through here, so ``--device`` and ``--backend ray`` reach it."""
+        df = sweep.run(self.out_dir / store, backend=self.backend, address=self.address, device=self.device,
+                       progress=False)
+        self.sweeps.append({"store": store, "name": sweep.name, "n_runs": int(len(df))})
+        return df
+
+    def execution(self) -> dict:
+        """What the experiment ran on, for its ``results.json``: the engine (``mirrorsym.sweep`` when any
+        grid went through :meth:`sweep`, else ``in-process``), backend, device and number of sweep runs."""
+        used = bool(self.sweeps)
+        return {"engine": "mirrorsym.sweep" if used else "in-process",
+                "backend": self.backend if used else "local", "device": str(self.device),
+                "n_runs": sum(s["n_runs"] for s in self.sweeps), "sweeps": list(self.sweeps)}
 
     def track(self, items: Iterable, description: str = "", total: int | None = None) -> Iterator:
         if self.progress is None:

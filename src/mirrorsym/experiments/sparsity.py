@@ -115,8 +115,7 @@ def noise_sweep(X, y, cfg: Config, ctx: Context):
     sweep = Sweep(partial(Hadamard, cfg.d), nn.functional.mse_loss, (X, y), grid,
                   metrics={"zero_fraction": ZeroFraction(cfg.zero_tol)},
                   record_every=10**9, name="sparsity-noise")
-    return sweep.run(ctx.out_dir / "sweep", backend=ctx.backend, address=ctx.address, device=ctx.device,
-                     progress=False)
+    return ctx.sweep(sweep)
 
 
 def _loss_fn(X, y):

@@ -33,6 +33,14 @@ def _header(meta: dict) -> list[str]:
 VERDICTS = ("reproduced", "not reproduced", "contradicted")
 
 
+def ran_on(execution: dict) -> str:
+    """One line from an experiment's ``execution`` record (see ``Context.execution``)."""
+    if execution.get("engine") != "mirrorsym.sweep":
+        return f"in-process loops on {execution.get('device', '?')}"
+    return (f"mirrorsym.sweep, {execution['n_runs']} runs, backend {execution['backend']}, "
+            f"device {execution['device']}")
+
+
 def _split(claims: list[dict]) -> tuple[list[dict], list[dict]]:
     return [c for c in claims if c["kind"] == "finding"], [c for c in claims if c["kind"] == "check"]
 
@@ -90,6 +98,8 @@ def write_markdown(out: Path, sections: list[dict], claims: list[dict], meta: di
                          f"{cell(c['measured'])} | {cell(c['rule'])} |")
     for sec in sections:
         lines += ["", f"## {sec['name']}: {sec['title']}", ""]
+        if sec.get("execution"):
+            lines += [f"*Ran on: {ran_on(sec['execution'])}.*", ""]
         if sec["doc"]:
             lines += [sec["doc"], ""]
         for fig in sec["figures"]:
@@ -143,6 +153,8 @@ def write_html(out: Path, sections: list[dict], claims: list[dict], meta: dict) 
         parts.append("</table>")
     for sec in sections:
         parts.append(f"<h2 id='{e(sec['name'])}'>{e(sec['name'])}: {e(sec['title'])}</h2>")
+        if sec.get("execution"):
+            parts.append(f"<p class='rule'>Ran on: {e(ran_on(sec['execution']))}.</p>")
         if sec["doc"]:
             parts.append("".join(f"<p>{e(p)}</p>" for p in sec["doc"].split("\n\n")))
         for fig in sec["figures"]:

@@ -2,7 +2,8 @@
 
 Each experiment writes into ``OUT/<name>/``: ``results.json``, its figures and whatever stores it keeps
 (e.g. ``OUT/<name>/sweep/``, a resumable :class:`~mirrorsym.sweep.Sweep` store). ``results.json`` holds
-the results with the key they were computed under and a sha256 of its content. The key is the size's
+the results with the key they were computed under, ``execution`` (engine, backend, device and number of
+sweep runs, :meth:`~mirrorsym.experiments.base.Context.execution`) and a sha256 of its content. The key is the size's
 config, the experiment module's source, a hash of every ``.py`` file of the mirrorsym package, the
 package version and, with ``--data-dir``, the data sets found there: a rerun with the same key loads the
 stored results instead of recomputing, any other key recomputes, so an interrupted reproduction resumes
@@ -90,11 +91,12 @@ def cache_key(module, cfg, data_dir: Path | None = None) -> str:
 
 
 def _checksum(saved: dict) -> str:
-    return hashlib.sha256(json.dumps({k: saved[k] for k in RESULT_KEYS}, sort_keys=True).encode()).hexdigest()
+    keys = (*RESULT_KEYS, "execution") if "execution" in saved else RESULT_KEYS
+    return hashlib.sha256(json.dumps({k: saved[k] for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
-def _write_results(path: Path, key: str, seconds: float, results) -> None:
-    saved = {"config": key, "seconds": seconds, "results": results}
+def _write_results(path: Path, key: str, seconds: float, results, execution: dict) -> None:
+    saved = {"config": key, "seconds": seconds, "results": results, "execution": execution}
     saved["sha256"] = _checksum(saved)
     _write_json(path, saved)
 
@@ -143,13 +145,15 @@ def run_experiment(module, size: str, ctx: Context, fresh: bool = False) -> dict
         # plot() and claims() always see the JSON form, whether fresh or loaded from the store
         results = json.loads(json.dumps(to_jsonable(raw)))
         seconds = time.perf_counter() - t0
-        _write_results(store, key, seconds, results)
+        execution = ctx.execution()
+        _write_results(store, key, seconds, results, execution)
     else:
         results, seconds = cached["results"], cached["seconds"]
+        execution = cached.get("execution", {})
     figures = [Path(f) for f in module.plot(results, ctx)]
     claims = module.claims(results, cfg)
     return {"results": results, "claims": claims, "figures": figures, "seconds": seconds,
-            "cached": cached is not None, "error": None}
+            "cached": cached is not None, "error": None, "execution": execution}
 
 
 def run_reproduction(names: list[str] | None = None, size: str = "quick", out: Path | str = "report",

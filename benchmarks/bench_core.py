@@ -10,7 +10,6 @@ import argparse
 import time
 
 import torch
-from torch.func import functional_call
 
 import mirrorsym as ms
 from mirrorsym.core import HVP, gradient
@@ -41,12 +40,11 @@ def main() -> None:
     x, y = torch.randn(256, 512, device=dev), torch.randn(256, 1, device=dev)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def loss(p):
-        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
-
-    hvp = HVP(loss, params)
+    loss = ms.loss_from_model(model, lambda out, target: ((out - target) ** 2).mean())
+    data = (x, y)
+    hvp = HVP(loss, params, data)
     v = {k: torch.randn_like(t) for k, t in params.items()}
-    t_grad = timed(lambda: gradient(loss, params), args.repeats, dev)
+    t_grad = timed(lambda: gradient(loss, params, data), args.repeats, dev)
     t_hvp = timed(lambda: hvp(v), args.repeats, dev)
     t_dbl = timed(lambda: hvp._double_backward(v), args.repeats, dev)
     print(f"model: MLP 512-1024-512-1 tanh, {n_params:,} parameters, batch 256, {dev}, "
@@ -56,10 +54,10 @@ def main() -> None:
     print(f"HVP by double backward (the fallback): {t_dbl * 1e3:.2f} ms   ratio to gradient: {t_dbl / t_grad:.2f}")
     m = ms.Mirror.sign_flip({"0.weight": (0, [7]), "0.bias": (0, [7]), "2.weight": (1, [7])})
     t0 = time.perf_counter()
-    res = ms.theory.projected_curvature(loss, params, m, max_hvps=100)
+    res = ms.theory.projected_curvature(loss, params, m, data, max_hvps=100)
     t_cwd = time.perf_counter() - t0
     print(f"critical_weight_decay (k = {m.dim(params)}, Lanczos): {t_cwd:.3f} s, {res.hvps} HVPs, "
-          f"gamma_c = {res.gamma_c:.4g}")
+          f"gamma_c = {res.gamma:.4g}")
 
 
 if __name__ == "__main__":

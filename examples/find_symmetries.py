@@ -146,11 +146,12 @@ def main(argv=None) -> None:
     # on the surface the mirror fixes the weights, and the gradient has no component along O (Theorem 1)
     y = torch.randn(x.shape[0], 3, dtype=torch.float64)
 
-    def loss(p):
-        return ((f(p) - y) ** 2).mean()
+    def loss(p, batch):  # the one loss convention, loss(params, batch); here batch = the targets
+        return ((f(p) - batch) ** 2).mean()
 
-    print(f"‖Oᵀ∇L‖ on the dead-unit surface: {ms.theory.stationarity_residual(loss, on_dead, dead):.1e}")
-    print(f"‖Oᵀ∇L‖ at the original weights:  {ms.theory.stationarity_residual(loss, params, dead, project=False):.1e}")
+    print(f"‖Oᵀ∇L‖ on the dead-unit surface: {ms.theory.stationarity_residual(loss, on_dead, dead, y):.1e}")
+    off = ms.theory.stationarity_residual(loss, params, dead, y, project=False)
+    print(f"‖Oᵀ∇L‖ at the original weights:  {off:.1e}")
 
     # 4. The residual-path counterexample --------------------------------------------------------------
     # Rotating the hidden axis (W -> QW, U -> UQᵀ) preserves U(Wx) but not U(Wx + x): the detector agrees.

@@ -45,7 +45,7 @@ def tanh_problem(n: int = 64, hidden: int = 4):
     return model, x, y
 
 
-def gradient_descent(loss, params: dict, gamma: float, lr: float, steps: int, mirror=None, record=False):
+def gradient_descent(loss, params: dict, batch, gamma: float, lr: float, steps: int, mirror=None, record=False):
     """Full-batch GD on L + γ‖θ‖² (torch weight_decay = 2γ); optionally records the distance to ``mirror``."""
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.SGD(list(p.values()), lr=lr, weight_decay=ms.theory.torch_weight_decay(gamma))
@@ -54,7 +54,7 @@ def gradient_descent(loss, params: dict, gamma: float, lr: float, steps: int, mi
         if record:
             trace.append(mirror.distance({k: v.detach() for k, v in p.items()}).item())
         opt.zero_grad()
-        loss(p).backward()
+        loss(p, batch).backward()
         opt.step()
     return {k: v.detach() for k, v in p.items()}, trace
 
@@ -105,27 +105,27 @@ def main(argv=None) -> None:
     model, x, y = tanh_problem()
     params = {k: v.detach() for k, v in model.named_parameters()}   # 0.weight, 0.bias, 2.weight
 
-    def loss(p):
-        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
-
+    # the one loss convention: loss(params, batch); mean of squares (not F.mse_loss) keeps the fast HVP path
+    loss = ms.loss_from_model(model, lambda out, target: ((out - target) ** 2).mean())
+    data = (x, y)
     dead = ms.Mirror.sign_flip({"0.weight": (0, [0]), "0.bias": (0, [0]), "2.weight": (1, [0])})
     # Gradient descent started on the surface never leaves it (Theorem 1.1): train the other units there.
-    base, _ = gradient_descent(loss, dead.project(params), 0.0, 0.1, on_steps)
+    base, _ = gradient_descent(loss, dead.project(params), data, 0.0, 0.1, on_steps)
     print(f"after {on_steps} GD steps from the surface: distance {dead.distance(base).item():.1e}")
-    gc0 = ms.theory.critical_weight_decay(loss, base, dead)
+    gc0 = ms.theory.critical_weight_decay(loss, base, dead, data)
     print(f"γ_c = {gc0.gamma:.4f} (matrix-free, {gc0.hvps} HVPs); closed form B ‖mean(r x̃)‖ = "
           f"{closed_form_b(model, base, x, y):.4f}; torch weight_decay = {gc0.torch_weight_decay:.4f}")
     # γ_c depends on where on the surface the other units sit, and decay moves them: so for each γ, first
     # train on the surface at that γ (θ_S(γ)), then compare γ with the threshold γ_c(θ_S(γ)) there.
     traces = {}
     for gamma in (0.01, 0.02, 0.03, 0.045):
-        on, _ = gradient_descent(loss, base, gamma, 0.1, on_steps)           # θ_S(γ): the minimum on S
-        gc = ms.theory.critical_weight_decay(loss, on, dead).gamma            # the threshold *there*
-        op = ms.theory.projected_hessian(loss, on, dead).to_dense()
+        on, _ = gradient_descent(loss, base, data, gamma, 0.1, on_steps)     # θ_S(γ): the minimum on S
+        gc = ms.theory.critical_weight_decay(loss, on, dead, data).gamma      # the threshold *there*
+        op = ms.theory.projected_hessian(loss, on, dead, data).to_dense()
         softest = torch.linalg.eigh(op).eigenvectors[:, 0]                   # the direction γ_c is about
         kick = dead.direction(1e-3 * softest, on)
         start = {k: on[k] + kick[k] for k in on}
-        _, trace = gradient_descent(loss, start, gamma, 0.1, off_steps, mirror=dead, record=True)
+        _, trace = gradient_descent(loss, start, data, gamma, 0.1, off_steps, mirror=dead, record=True)
         traces[gamma / gc] = trace
         verdict = "returns" if trace[-1] < trace[0] else "escapes"
         print(f"γ = {gamma:.4f} = {gamma / gc:.2f} γ_c(θ_S(γ)): distance {trace[0]:.1e} → {trace[-1]:.1e} ({verdict})")

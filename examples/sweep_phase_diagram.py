@@ -86,7 +86,7 @@ def main(argv=None) -> None:
 
     sweep = ms.sweep.Sweep(
         make_model,
-        torch.nn.functional.mse_loss,                 # loss_fn(model(x), y), a mean over the batch
+        torch.nn.functional.mse_loss,                 # criterion(model(x), y), a mean over the batch
         (x, y),
         grid={"weight_decay": decays, "lr": lrs, "seed": seeds, "batch_size": 8, "steps": steps},
         metrics={"loss": "loss", "support": support},

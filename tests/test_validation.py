@@ -65,17 +65,17 @@ def test_critical_weight_decay_refuses_non_finite_curvature():
     m = ms.Mirror.sign_flip({"u": [0], "w": [0]})
     x = torch.randn(8, 2, dtype=torch.float64)
 
-    def loss(p):
-        return ((x @ (p["u"] * p["w"]) - 1.0) ** 2).mean()
+    def loss(p, batch):
+        return ((batch @ (p["u"] * p["w"]) - 1.0) ** 2).mean()
 
-    result = ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m)
+    result = ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m, x)
     assert result.torch_weight_decay == 2 * result.gamma == 2 * float(result) and result.gamma >= 0.0
     with pytest.raises(NonFiniteError, match="u"):
         ms.theory.critical_weight_decay(loss, {"u": torch.tensor([0.0, float("nan")], dtype=torch.float64),
-                                               "w": w}, m)
+                                               "w": w}, m, x)
     x[0, 0] = float("nan")  # finite parameters, NaN data: the curvature is NaN
     with pytest.raises(NonFiniteError, match="projected Hessian"):
-        ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m)
+        ms.theory.critical_weight_decay(loss, {"u": u, "w": w}, m, x)
 
 
 def test_diagnose_refuses_nan_weights_and_nan_probe_data():

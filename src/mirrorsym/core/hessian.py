@@ -1,6 +1,7 @@
 """Matrix-free curvature: Hessian-vector products and the projected Hessian Oᵀ∇²L O.
 
-``loss_fn(params: dict[str, Tensor]) -> 0-dim Tensor`` is a pure function of the parameter dict. HVPs
+Losses follow the one convention of :mod:`mirrorsym.core.loss`: ``loss_fn(params, batch) -> 0-dim Tensor``,
+a pure function of the parameter dict on a fixed ``batch`` (None for a loss that closes over its data). HVPs
 use forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``); where an op lacks forward-mode AD
 they fall back to double backward. Nothing here forms a d×d matrix.
 """
@@ -9,25 +10,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch.func import grad, jvp
 
+from .loss import Batch, LossFn, bind
 from .mirror import Mirror
 from .slices import Params
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
-LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-"""``loss_fn(params) -> 0-dim Tensor``: a pure function of the parameter dict."""
+Objective = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # θ ↦ L(θ) on a fixed batch (internal)
 
 
-def checked_loss(loss_fn: LossFn, params: Params) -> torch.Tensor:
-    """Evaluate ``loss_fn(params)`` once and refuse anything but a real scalar."""
-    value = loss_fn(dict(params))
+def checked_loss(loss_fn: LossFn, params: Params, batch: Batch = None) -> torch.Tensor:
+    """Evaluate ``loss_fn(params, batch)`` once and refuse anything but a real scalar."""
+    value = bind(loss_fn, batch)(dict(params))
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"loss_fn must return a 0-dim Tensor, got {type(value).__name__}")
     if value.numel() != 1:
@@ -39,22 +40,22 @@ def checked_loss(loss_fn: LossFn, params: Params) -> torch.Tensor:
     return value
 
 
-def _scalar(loss_fn: LossFn) -> LossFn:
-    return lambda p: loss_fn(p).reshape(())
+def _scalar(objective: Objective) -> Objective:
+    return lambda p: objective(p).reshape(())
 
 
-def gradient(loss_fn: LossFn, params: Params) -> dict[str, torch.Tensor]:
-    """∇L at ``params`` as a dict (detached)."""
-    g = grad(_scalar(loss_fn))(dict(params))
+def gradient(loss_fn: LossFn, params: Params, batch: Batch = None) -> dict[str, torch.Tensor]:
+    """∇L at ``params`` (on ``batch``) as a dict (detached)."""
+    g = grad(_scalar(bind(loss_fn, batch)))(dict(params))
     return {k: v.detach() for k, v in g.items()}
 
 
 class HVP:
-    """v ↦ ∇²L(θ) v at a fixed θ; counts its calls in ``.calls``."""
+    """v ↦ ∇²L(θ) v at a fixed θ (and batch); counts its calls in ``.calls``."""
 
-    def __init__(self, loss_fn: LossFn, params: Params) -> None:
-        checked_loss(loss_fn, params)
-        self.loss_fn = _scalar(loss_fn)
+    def __init__(self, loss_fn: LossFn, params: Params, batch: Batch = None) -> None:
+        checked_loss(loss_fn, params, batch)
+        self.loss_fn = _scalar(bind(loss_fn, batch))
         self.params = {k: v.detach() for k, v in params.items()}
         self.calls = 0
         self._forward_mode = True
@@ -89,10 +90,10 @@ class ProjectedHessian:
     HVPs; ``as_linear_operator()`` wraps it for ``scipy.sparse.linalg``; ``hvp.calls`` counts HVPs.
     """
 
-    def __init__(self, loss_fn: LossFn, params: Params, mirror: Mirror) -> None:
+    def __init__(self, loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None) -> None:
         self.mirror = mirror
         self.params = {k: v.detach() for k, v in params.items()}
-        self.hvp = HVP(loss_fn, self.params)
+        self.hvp = HVP(loss_fn, self.params, batch)
         self.k = mirror.dim(self.params)
         ref = next(iter(self.params.values()))
         self.dtype, self.device = ref.dtype, ref.device
@@ -120,9 +121,16 @@ class ProjectedHessian:
         return LinearOperator(self.shape, matvec=mv, dtype=np.float64)
 
 
+class MinEigenvalue(NamedTuple):
+    """λ_min of a symmetric operator and the number of matvecs it took."""
+
+    value: float
+    matvecs: int
+
+
 def lanczos_min_eig(matvec: Callable[[torch.Tensor], torch.Tensor], k: int, dtype: torch.dtype,
                     device: torch.device | str | None, max_iter: int = 100, tol: float = 1e-10,
-                    generator: torch.Generator | None = None) -> tuple[float, int]:
+                    generator: torch.Generator | None = None) -> MinEigenvalue:
     """Smallest eigenvalue of a symmetric k×k operator by Lanczos with full re-orthogonalisation.
 
     Stops when the residual of the smallest Ritz pair falls below ``tol × max(1, |λ|)``, when the Krylov
@@ -147,7 +155,7 @@ def lanczos_min_eig(matvec: Callable[[torch.Tensor], torch.Tensor], k: int, dtyp
         evals, evecs = np.linalg.eigh(T)
         lam = float(evals[0])
         if beta * abs(evecs[-1, 0]) <= tol * max(1.0, abs(lam)) or beta < 1e-14 * max(1.0, abs(alphas[0])):
-            return lam, j + 1
+            return MinEigenvalue(lam, j + 1)
         betas.append(beta)
         Q.append(w / beta)
-    return lam, min(max_iter, k)
+    return MinEigenvalue(lam, min(max_iter, k))

@@ -167,11 +167,11 @@ class RuleContext:
         """No per-unit scaling or rotation passes through dim ``dim`` of ``t`` (every dim if None)."""
         dims = range(t.ndim) if dim is None else [t.dim(dim)]
         for d in dims:
-            self.detector.events.constraints.append((self.node(t, d), NONE, False))
+            self.detector.events.constraints.append((self._node(t, d), NONE, False))
 
     def stop_rotation(self, t: TensorAxes, dim: int) -> None:
         """Per-unit scalings still pass at ``t[dim]``, rotations do not."""
-        self.detector.events.constraints.append((self.node(t, dim), ANY, False))
+        self.detector.events.constraints.append((self._node(t, dim), ANY, False))
 
     def elementwise(
         self, a: TensorAxes, da: int, b: TensorAxes, db: int, group: int = ANY, linear: bool = True
@@ -179,7 +179,7 @@ class RuleContext:
         """``b[db]`` is computed from ``a[da]`` unit by unit: same units; per-unit scalings in ``group``
         and (if ``linear``) rotations carry over from ``a`` to ``b``."""
         self.same(a, da, b, db)
-        self.detector.events.edges.append((self.node(a, da), self.node(b, db), group, linear))
+        self.detector.events.edges.append((self._node(a, da), self._node(b, db), group, linear))
 
     def source(
         self, p: TensorAxes | None, pdim: int, y: TensorAxes, ydim: int, rotation: bool = True
@@ -189,7 +189,7 @@ class RuleContext:
         if p is None:
             return
         self.same(p, pdim, y, ydim)
-        node = self.node(y, ydim)
+        node = self._node(y, ydim)
         self.detector.events.members.append((node, p.param, p.dim(pdim), "source"))
         if not rotation:
             self.detector.events.constraints.append((node, ANY, False))
@@ -199,42 +199,42 @@ class RuleContext:
         if p is None:
             return
         self.same(x, xdim, p, pdim)
-        self.detector.events.members.append((self.node(x, xdim), p.param, p.dim(pdim), "sink"))
+        self.detector.events.members.append((self._node(x, xdim), p.param, p.dim(pdim), "sink"))
 
     def add_member(self, t: TensorAxes, d: int, p: TensorAxes | None, pdim: int, role: str) -> None:
         """Record ``p[pdim]`` as a ``role`` ("source" | "sink") of the units of ``t[d]`` without uniting
         the two dims (for composite rules that split ``p[pdim]`` themselves)."""
         if p is not None:
-            self.detector.events.members.append((self.node(t, d), p.param, p.dim(pdim), role))
+            self.detector.events.members.append((self._node(t, d), p.param, p.dim(pdim), role))
 
     def bn_exit(self, x: TensorAxes, xdim: int, path: str) -> None:
         """A BatchNorm at ``path`` normalises ``x[xdim]`` per unit: it absorbs a per-unit scale (running
         statistics adjusted) and a sign (its weight negated)."""
-        self.detector.events.members.append((self.node(x, xdim), path, x.dim(xdim), "bn_exit"))
+        self.detector.events.members.append((self._node(x, xdim), path, x.dim(xdim), "bn_exit"))
 
     def passive(self, p: TensorAxes | None, pdim: int, y: TensorAxes, ydim: int) -> None:
         """``p`` moves with the units of ``y[ydim]`` under permutations but takes no part in scalings."""
         if p is None:
             return
         self.same(p, pdim, y, ydim)
-        self.detector.events.passive.append((self.node(y, ydim), p.param, p.dim(pdim)))
-        self.detector.events.constraints.append((self.node(y, ydim), ANY, False))
+        self.detector.events.passive.append((self._node(y, ydim), p.param, p.dim(pdim)))
+        self.detector.events.constraints.append((self._node(y, ydim), ANY, False))
 
     def link(
         self, a: TensorAxes, da: int, b: TensorAxes, db: int, group: int = ANY, linear: bool = True
     ) -> None:
         """Like :meth:`elementwise` for dims that already share their atoms (reshape, transpose)."""
-        self.detector.events.edges.append((self.node(a, da), self.node(b, db), group, linear))
+        self.detector.events.edges.append((self._node(a, da), self._node(b, db), group, linear))
 
     def contract(self, a: TensorAxes, da: int, b: TensorAxes, db: int) -> None:
         """``a[da]`` and ``b[db]`` are summed over together (``q @ k.T``): same units; a rotation must act
         on both at once; no per-unit scaling passes (its diagonal part is inside the rotation)."""
         self.same(a, da, b, db)
-        na, nb = self.node(a, da), self.node(b, db)
+        na, nb = self._node(a, da), self._node(b, db)
         self.detector.events.edges.append((na, nb, NONE, True))
 
     # ------------------------------------------------------------------ helpers
-    def node(self, t: TensorAxes, d: int) -> tuple[tuple[str, object, int], tuple[int, ...]]:
+    def _node(self, t: TensorAxes, d: int) -> tuple[tuple[str, object, int], tuple[int, ...]]:
         d = t.dim(d)
         key = ("p", t.param, d) if t.param is not None else ("v", t.vid, d)
         return key, tuple(t.dims[d])

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -215,6 +215,14 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[], None]]:
         yield lambda: bar.advance(task)
 
 
+class GroupTable(NamedTuple):
+    """:func:`group_table`'s result: the per-group table and the plot data keyed by group name."""
+
+    table: pd.DataFrame
+    spectra: dict[str, np.ndarray]
+    correlations: dict[str, np.ndarray]
+
+
 def group_table(
     model: nn.Module,
     symmetries: Symmetries,
@@ -222,7 +230,7 @@ def group_table(
     duplicate_tol: float = M.DUPLICATE_TOL,
     keep_plots: bool = True,
     progress: bool = False,
-) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> GroupTable:
     """The weights-only per-group table plus plot data (spectra, correlations); ``progress`` shows a
     rich progress bar over the groups."""
     rows: list[dict[str, Any]] = []
@@ -248,7 +256,7 @@ def group_table(
         # the plotted unit spectrum uses the same (at most MAX_HEATMAP_UNITS) units as the heat map
         spectra.setdefault(name, M.singular_values(_plot_units(units)).numpy())
     table = pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
-    return table, spectra, correlations
+    return GroupTable(table, spectra, correlations)
 
 
 # --------------------------------------------------------------------------------------------- probe

@@ -250,20 +250,20 @@ def brute_force_thresholds(gamma: float, points: int) -> dict:
     return {"exist": exist, "global": glob, "jump": jump}
 
 
-def depth3_loss(M: torch.Tensor):
-    return lambda p: ((M - p["U"] @ p["V"] @ p["W"]) ** 2).sum()
+def depth3_loss(p: dict, M: torch.Tensor) -> torch.Tensor:
+    """‖M − UVW‖², the target matrix M as the batch (loss_fn(params, batch))."""
+    return ((M - p["U"] @ p["V"] @ p["W"]) ** 2).sum()
 
 
 def library_at_zero(M: torch.Tensor, j: int = 0) -> dict:
     """Theorem 1 at U = V = W = 0 for the sign-flip mirrors U–V (column j of U, row j of V) and V–W."""
     m = M.shape[0]
     zero = {n: torch.zeros(m, m, dtype=M.dtype) for n in ("U", "V", "W")}
-    loss = depth3_loss(M)
     out = {}
     for label, spec in (("U-V", {"U": (1, [j]), "V": (0, [j])}), ("V-W", {"V": (1, [j]), "W": (0, [j])})):
         mirror = Mirror.sign_flip(spec)
-        cw = critical_weight_decay(loss, zero, mirror)
-        H = projected_hessian(loss, zero, mirror).to_dense()
+        cw = critical_weight_decay(depth3_loss, zero, mirror, M)
+        H = projected_hessian(depth3_loss, zero, mirror, M).to_dense()
         out[label] = {"gamma_c": cw.gamma, "lambda_min": cw.lambda_min, "hessian_norm": H.abs().max().item(),
                       "k": H.shape[0]}
     return out

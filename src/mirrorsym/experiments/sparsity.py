@@ -118,16 +118,17 @@ def noise_sweep(X, y, cfg: Config, ctx: Context):
     return ctx.sweep(sweep)
 
 
-def _loss_fn(X, y):
-    return lambda p: ((y - X @ (p["u"] * p["w"])) ** 2).mean()
+def hadamard_loss(p: dict, batch: tuple) -> torch.Tensor:
+    """L = mean (y − X(u ⊙ w))² on ``batch = (X, y)`` (loss_fn(params, batch))."""
+    X, y = batch
+    return ((y - X @ (p["u"] * p["w"])) ** 2).mean()
 
 
 def predicted_support(X, y, beta: torch.Tensor, gamma: float) -> list[bool]:
     """Coordinate i is off its surface iff γ_c,i > γ, γ_c,i from the projected Hessian at β_i = 0."""
-    loss = _loss_fn(X, y)
     s = beta.sign() * beta.abs().sqrt()
     point = {"u": s, "w": beta.abs().sqrt()}  # any (u, w) with u ⊙ w = β
-    return [critical_weight_decay(loss, point, Mirror.sign_flip({"u": [i], "w": [i]})).gamma > gamma
+    return [critical_weight_decay(hadamard_loss, point, Mirror.sign_flip({"u": [i], "w": [i]}), (X, y)).gamma > gamma
             for i in range(len(beta))]
 
 

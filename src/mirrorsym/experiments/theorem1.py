@@ -70,21 +70,23 @@ def _forward(p, x):
     return torch.tanh(x @ p["w"].T + p["b"]) @ p["a"]
 
 
-def _loss_fn(x, y):
-    return lambda p: ((y - _forward(p, x)) ** 2).mean()
+def mse_loss(p: dict, batch: tuple) -> torch.Tensor:
+    """L(θ) = mean (y − f_θ(x))² on ``batch = (x, y)`` (the one loss convention, loss_fn(params, batch))."""
+    x, y = batch
+    return ((y - _forward(p, x)) ** 2).mean()
 
 
 def _unit(j: int) -> dict:
     return {"w": (0, [j]), "b": (0, [j]), "a": (0, [j])}
 
 
-def _gd(loss, p: dict, gamma: float, lr: float, steps: int) -> dict:
+def _gd(loss, p: dict, batch: tuple, gamma: float, lr: float, steps: int) -> dict:
     """Full-batch gradient descent on L + γ‖θ‖²."""
     p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
     opt = torch.optim.SGD(list(p.values()), lr=lr, weight_decay=torch_weight_decay(gamma))
     for _ in range(steps):
         opt.zero_grad()
-        loss(p).backward()
+        loss(p, batch).backward()
         opt.step()
     return {k: v.detach() for k, v in p.items()}
 
@@ -97,31 +99,31 @@ def _closed_form_b(x, y, p) -> float:
 
 def run(cfg: Config, ctx: Context) -> dict:
     x, y, p0 = _problem(cfg)
-    loss = _loss_fn(x, y)
+    loss, data = mse_loss, (x, y)
     sign = Mirror.sign_flip(_unit(DEAD))
     swap = Mirror.swap(_unit(1), _unit(2))
     part1 = {}
     for label, m in (("sign_flip", sign), ("swap", swap)):
         on = m.project(p0)
         part1[label] = {
-            "residual_symmetric": stationarity_residual(loss, on, m, project=False),
-            "residual_random": stationarity_residual(loss, p0, m, project=False),
-            "cross_symmetric": hessian_cross_norm(loss, on, m, project=False),
-            "cross_random": hessian_cross_norm(loss, p0, m, project=False),
+            "residual_symmetric": stationarity_residual(loss, on, m, data, project=False),
+            "residual_random": stationarity_residual(loss, p0, m, data, project=False),
+            "cross_symmetric": hessian_cross_norm(loss, on, m, data, project=False),
+            "cross_random": hessian_cross_norm(loss, p0, m, data, project=False),
         }
     # the γ grid is relative to the threshold at γ = 0 so that it brackets γ_c
-    base = _gd(loss, sign.project(p0), 0.0, cfg.lr, cfg.steps_on_surface)
-    gamma0 = critical_weight_decay(loss, base, sign).gamma
+    base = _gd(loss, sign.project(p0), data, 0.0, cfg.lr, cfg.steps_on_surface)
+    gamma0 = critical_weight_decay(loss, base, sign, data).gamma
     rows = []
     for rel in ctx.track(cfg.gammas, "γ grid"):
         gamma = rel * gamma0
-        on = _gd(loss, base, gamma, cfg.lr, cfg.steps_on_surface)
-        gamma_c = critical_weight_decay(loss, on, sign).gamma
+        on = _gd(loss, base, data, gamma, cfg.lr, cfg.steps_on_surface)
+        gamma_c = critical_weight_decay(loss, on, sign, data).gamma
         # kick by cfg.kick along the softest mirror direction, the one the threshold is about
-        evals, evecs = torch.linalg.eigh(projected_hessian(loss, on, sign).to_dense())
+        evals, evecs = torch.linalg.eigh(projected_hessian(loss, on, sign, data).to_dense())
         kick = sign.direction(cfg.kick * evecs[:, 0], on)
         start = {k: on[k] + kick[k] for k in on}
-        end = _gd(loss, start, gamma, cfg.lr, cfg.steps_off_surface)
+        end = _gd(loss, start, data, gamma, cfg.lr, cfg.steps_off_surface)
         rows.append({"gamma": gamma, "gamma_c": gamma_c, "gamma_c_closed_form": _closed_form_b(x, y, on),
                      "start_distance": sign.distance(start).item(), "end_distance": sign.distance(end).item()})
     return {"part1": part1, "gamma0": gamma0, "rows": rows}

@@ -81,7 +81,7 @@ class Problem:
     """
 
     model_factory: Callable[[int], nn.Module]
-    loss_fn: Callable[..., torch.Tensor]
+    criterion: Callable[..., torch.Tensor]
     data: tuple[torch.Tensor, ...]
     eval_data: tuple[torch.Tensor, ...]
     metrics: Mapping[str, Callable]
@@ -300,7 +300,7 @@ class _Chunk:
         return functional_call(self.base, (params, buffers), (x,))
 
     def _loss(self, params, buffers, *batch):
-        return self.problem.loss_fn(self.forward(params, buffers, batch[0]), *batch[1:])
+        return self.problem.criterion(self.forward(params, buffers, batch[0]), *batch[1:])
 
     def grad_fn(self, full_batch: bool):
         data_dim = None if full_batch else 0

@@ -83,7 +83,7 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
     for t in range(config["steps"]):
         idx = rng.batch_indices(config["seed"], t, n, B, device=device)
         batch = tuple(gather_rows(d, idx) for d in data)
-        loss = problem.loss_fn(model(batch[0]), *batch[1:])
+        loss = problem.criterion(model(batch[0]), *batch[1:])
         opt.zero_grad(set_to_none=False)
         loss.backward()
         with torch.no_grad():

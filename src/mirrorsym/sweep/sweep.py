@@ -4,7 +4,7 @@ Example (Hadamard regression, docs/theory.md#closed-form-a)::
 
     sweep = ms.sweep.Sweep(
         model_factory=lambda seed: Hadamard(d=100, seed=seed),
-        loss_fn=torch.nn.functional.mse_loss,               # loss_fn(model(x), *targets) -> scalar
+        criterion=torch.nn.functional.mse_loss,             # criterion(model(x), *targets) -> scalar
         data=(X, y),                                        # tensors indexed along dim 0
         grid={"lr": [0.01, 0.03], "weight_decay": [0.0, 1e-3, 1e-2], "seed": range(8),
               "batch_size": 32, "steps": 2000, "momentum": 0.9},
@@ -63,9 +63,9 @@ BACKENDS = ("local", "ray")
 POLL_SECONDS = 0.1  # how often a process waiting for chunks claimed by another one looks again
 
 
-def _builtin_metric(name: str, loss_fn) -> Callable:
+def _builtin_metric(name: str, criterion) -> Callable:
     if name == "loss":
-        return lambda p, data, forward: loss_fn(forward(p, data[0]), *data[1:])
+        return lambda p, data, forward: criterion(forward(p, data[0]), *data[1:])
     if name == "accuracy":
         return lambda p, data, forward: (forward(p, data[0]).argmax(-1) == data[1]).to(torch.float64).mean()
     if name == "param_norm":
@@ -74,10 +74,10 @@ def _builtin_metric(name: str, loss_fn) -> Callable:
                      "'param_norm', or pass a function (params, data) -> scalar")
 
 
-def _as_metric(name: str, metric, loss_fn) -> Callable:
+def _as_metric(name: str, metric, criterion) -> Callable:
     """Normalise to ``fn(params, data, forward)``; user functions may take (params, data) only."""
     if isinstance(metric, str):
-        return _builtin_metric(metric, loss_fn)
+        return _builtin_metric(metric, criterion)
     if not callable(metric):
         raise TypeError(f"mirrorsym.sweep metrics[{name!r}] must be a callable or a built-in name, "
                         f"got {metric!r}")
@@ -341,13 +341,16 @@ class Sweep:
             :class:`~mirrorsym.sweep.engine.UnsupportedModel` naming the module; use eval-mode norms,
             GroupNorm or LayerNorm and p = 0, or train such runs one by one. The forward and loss are
             traced once per chunk (``make_fx``): Python side effects in them run once, not every step.
-        loss_fn: ``loss_fn(model(x), *targets) -> 0-dim Tensor`` (a mean over the batch).
+        criterion: ``criterion(model(x), *targets) -> 0-dim Tensor`` (a mean over the batch): the sweep owns
+            the model, so it takes the (model, criterion) form; the loss it trains is
+            ``ms.loss_from_model(model, criterion)``, the one convention ``loss_fn(params, batch)``.
         data: a Tensor or tuple ``(x, *targets)`` indexed along dim 0 (floating tensors are cast to the
             parameters' dtype; integer targets are kept).
         grid: ``{field: value | list}`` (cartesian product) or a list of such dicts; fields and options
             in :mod:`mirrorsym.sweep.config`. ``lr``, ``batch_size`` and ``steps`` are required.
-        metrics: ``{name: fn | "loss" | "accuracy" | "param_norm"}``, ``fn(params, data) -> scalar`` or
-            ``fn(params, data, forward)`` with ``forward(params, x)`` the model; evaluated under vmap on
+        metrics: ``{name: fn | "loss" | "accuracy" | "param_norm"}``, ``fn(params, batch) -> scalar`` (the
+            loss convention's signature) or ``fn(params, batch, forward)`` with ``forward(params, x)`` the
+            model; evaluated under vmap on
             ``eval_data`` (default: ``data``) at steps 0, r, 2r, … and the last. Default ``{"loss": "loss"}``.
         record_every: r above.
         name: part of every run id; two sweeps with different names never share rows.
@@ -356,11 +359,11 @@ class Sweep:
     batch size above the data size, an unknown option or metric raise ``ValueError``/``TypeError``.
     """
 
-    def __init__(self, model_factory: Callable[[int], nn.Module], loss_fn: Callable, data, grid,
+    def __init__(self, model_factory: Callable[[int], nn.Module], criterion: Callable, data, grid,
                  metrics: Mapping[str, Callable | str] | None = None, record_every: int = 100,
                  eval_data=None, name: str = "sweep"):
-        if not callable(model_factory) or not callable(loss_fn):
-            raise TypeError("mirrorsym.sweep: model_factory and loss_fn must be callables")
+        if not callable(model_factory) or not callable(criterion):
+            raise TypeError("mirrorsym.sweep: model_factory and criterion must be callables")
         if not isinstance(record_every, int) or record_every < 1:
             raise ValueError(f"mirrorsym.sweep: record_every must be an int >= 1, got {record_every!r}")
         data = _as_data(data, "data")
@@ -377,8 +380,8 @@ class Sweep:
         self.name = name
         self._user_metrics = metrics  # as given: what the fingerprint describes
         self._eval_is_data = eval_data is data
-        self.problem = Problem(model_factory, loss_fn, data, eval_data,
-                               {k: _as_metric(k, v, loss_fn) for k, v in metrics.items()}, record_every, name)
+        self.problem = Problem(model_factory, criterion, data, eval_data,
+                               {k: _as_metric(k, v, criterion) for k, v in metrics.items()}, record_every, name)
         self._fingerprint: dict | None = None
 
     def __len__(self) -> int:
@@ -418,7 +421,7 @@ class Sweep:
             "eval_data": "= data" if self._eval_is_data else f"{_shapes(p.eval_data)}: {tensor_digest(p.eval_data)}",
             "model_factory": describe_digest(p.model_factory),
             "model_init": f"seed {seed}: " + tensor_digest([t for _, t in sorted(init.state_dict().items())]),
-            "loss": describe_digest(p.loss_fn),
+            "loss": describe_digest(p.criterion),
             "metrics": describe_digest(self._user_metrics),
             "options": describe_digest(used_hooks),
             "mirrorsym": f"{_mirrorsym_version()} sweep code {_sweep_code_digest()}",

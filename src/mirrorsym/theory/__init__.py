@@ -5,8 +5,10 @@ Convention: L_γ = L + γ‖θ‖², torch λ = 2γ.
 
 from .noise import (
     CriticalLRResult,
+    LyapunovCurve,
     LyapunovResult,
     MinibatchCurvature,
+    SecondOrder,
     critical_learning_rate,
     lyapunov_exponent,
     minibatch_curvature,
@@ -24,8 +26,10 @@ from .threshold import (
 __all__ = [
     "CriticalLRResult",
     "CriticalWeightDecay",
+    "LyapunovCurve",
     "LyapunovResult",
     "MinibatchCurvature",
+    "SecondOrder",
     "critical_learning_rate",
     "lyapunov_exponent",
     "minibatch_curvature",

@@ -54,7 +54,8 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
-from ..core.hessian import LossFn, ProjectedHessian, checked_loss
+from ..core.hessian import ProjectedHessian, checked_loss
+from ..core.loss import LossFn
 from ..core.mirror import Mirror
 from ..core.slices import Params, gather
 from ..core.threads import single_threaded
@@ -67,8 +68,6 @@ BURN_IN = 0.05  # fraction of the QR trajectory discarded before averaging
 TIME_CHUNK = 2048  # minibatches drawn at once
 HV_BUDGET = 2**24  # numbers held per vmapped chunk of Hessian-vector products
 
-BatchLossFn = Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]
-"""``loss_fn(params, batch) -> 0-dim Tensor``: the mean loss over the samples of ``batch``."""
 
 
 @dataclass(frozen=True)
@@ -340,7 +339,7 @@ class MinibatchCurvature:
 
 # ---------------------------------------------------------------------- public functions
 def minibatch_curvature(
-    loss_fn: BatchLossFn,
+    loss_fn: LossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -356,7 +355,7 @@ def minibatch_curvature(
     """
     data = _check_data(data)
     theta = _on_surface(params, mirror)
-    checked_loss(lambda p: loss_fn(p, data), theta)
+    checked_loss(loss_fn, theta, data)
     _check_mean_reduction(loss_fn, theta, data)
     if vectorize:
         try:
@@ -367,7 +366,7 @@ def minibatch_curvature(
 
 
 def lyapunov_exponent(
-    loss_fn: BatchLossFn,
+    loss_fn: LossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -396,7 +395,7 @@ def lyapunov_exponent(
 
 
 def critical_learning_rate(
-    loss_fn: BatchLossFn,
+    loss_fn: LossFn,
     params: Params,
     mirror: Mirror,
     data: Sequence[torch.Tensor],
@@ -546,7 +545,7 @@ def _sample(data: Sequence[torch.Tensor], i: int) -> tuple[torch.Tensor, ...]:
 
 
 def _vmapped_blocks(
-    loss_fn: BatchLossFn,
+    loss_fn: LossFn,
     theta: dict[str, torch.Tensor],
     mirror: Mirror,
     data: tuple[torch.Tensor, ...],
@@ -570,15 +569,11 @@ def _vmapped_blocks(
     return mirror.coefficients({n: t.detach() for n, t in hv.items()}, batch_dims=2, tangent=True)
 
 
-def _sample_loss(loss_fn: BatchLossFn, data: tuple[torch.Tensor, ...], i: int) -> LossFn:
-    return lambda p: loss_fn(p, _sample(data, i))
-
-
 def _looped_blocks(
-    loss_fn: BatchLossFn, theta: dict[str, torch.Tensor], mirror: Mirror, data: tuple[torch.Tensor, ...]
+    loss_fn: LossFn, theta: dict[str, torch.Tensor], mirror: Mirror, data: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
     n = data[0].shape[0]
-    return torch.stack([ProjectedHessian(_sample_loss(loss_fn, data, i), theta, mirror).to_dense() for i in range(n)])
+    return torch.stack([ProjectedHessian(loss_fn, theta, mirror, _sample(data, i)).to_dense() for i in range(n)])
 
 
 # ---------------------------------------------------------------------- checks

@@ -1,7 +1,8 @@
 """Theorem 1 quantities (docs/theory.md#theorem-1), matrix-free.
 
-Convention: L_γ(θ) = L(θ) + γ‖θ‖²; ``loss_fn`` is L without decay. PyTorch's coupled
-``weight_decay=λ`` adds λθ to the gradient, so λ = 2γ (:func:`torch_weight_decay`).
+Convention: L_γ(θ) = L(θ) + γ‖θ‖²; ``loss_fn(params, batch)`` is L without decay, evaluated on ``batch``
+(the one loss convention, :mod:`mirrorsym.core.loss`; None for a loss that closes over its data).
+PyTorch's coupled ``weight_decay=λ`` adds λθ to the gradient, so λ = 2γ (:func:`torch_weight_decay`).
 
 Unless ``project=False``, every quantity is evaluated at the orthogonal projection of ``params`` onto
 the mirror's surface S, where the theorem speaks.
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.finite import NonFiniteError, check_finite
-from ..core.hessian import LossFn, ProjectedHessian, checked_loss, gradient, lanczos_min_eig
+from ..core.hessian import ProjectedHessian, checked_loss, gradient, lanczos_min_eig
+from ..core.loss import Batch, LossFn
 from ..core.mirror import Mirror
 from ..core.slices import Params
 
@@ -59,17 +61,18 @@ def _at(params: Params, mirror: Mirror, project: bool) -> dict[str, torch.Tensor
     return mirror.project(p) if project else p
 
 
-def projected_hessian(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True) -> ProjectedHessian:
+def projected_hessian(loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None, *,
+                      project: bool = True) -> ProjectedHessian:
     """The linear operator Oᵀ∇²L(θ)O (k×k) built from HVPs; ``.as_linear_operator()`` for scipy."""
-    return ProjectedHessian(loss_fn, _at(params, mirror, project), mirror)
+    return ProjectedHessian(loss_fn, _at(params, mirror, project), mirror, batch)
 
 
-def projected_curvature(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True,
-                        max_hvps: int = 100, tol: float = 1e-10,
+def projected_curvature(loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None, *,
+                        project: bool = True, max_hvps: int = 100, tol: float = 1e-10,
                         generator: torch.Generator | None = None) -> CriticalWeightDecay:
     """λ_O = λ_min(Oᵀ∇²L O): dense for k ≤ 64 (k HVPs), Lanczos otherwise (≤ ``max_hvps`` HVPs)."""
     check_finite(params, "parameter")
-    op = projected_hessian(loss_fn, params, mirror, project)
+    op = projected_hessian(loss_fn, params, mirror, batch, project=project)
     if op.k <= DENSE_MAX_K:
         H = op.to_dense().double()
         lam = torch.linalg.eigvalsh(H)[0].item() if bool(torch.isfinite(H).all()) else math.nan
@@ -87,29 +90,30 @@ def projected_curvature(loss_fn: LossFn, params: Params, mirror: Mirror, project
 
 
 
-def critical_weight_decay(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True,
-                          max_hvps: int = 100) -> CriticalWeightDecay:
+def critical_weight_decay(loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None, *,
+                          project: bool = True, max_hvps: int = 100) -> CriticalWeightDecay:
     """γ_c = max(0, −λ_min(Oᵀ∇²L O)/2) in the L + γ‖θ‖² convention (docs/theory.md, Theorem 1).
 
     For γ > γ_c a minimum of L_γ restricted to S is a strict local minimum; for γ < γ_c it is a saddle
     that gradient descent escapes along O. The result carries ``.gamma`` (γ_c) and
     ``.torch_weight_decay`` (2γ_c, what a coupled torch optimizer takes).
     """
-    return projected_curvature(loss_fn, params, mirror, project, max_hvps)
+    return projected_curvature(loss_fn, params, mirror, batch, project=project, max_hvps=max_hvps)
 
 
-def stationarity_residual(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True) -> float:
+def stationarity_residual(loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None, *,
+                          project: bool = True) -> float:
     """‖Oᵀ∇L(θ)‖: zero up to round-off on the surface of a true mirror symmetry (docs/theory.md#stationarity)."""
     p = _at(params, mirror, project)
-    checked_loss(loss_fn, p)
-    return mirror.coefficients(gradient(loss_fn, p), tangent=True).norm().item()
+    checked_loss(loss_fn, p, batch)
+    return mirror.coefficients(gradient(loss_fn, p, batch), tangent=True).norm().item()
 
 
-def hessian_cross_norm(loss_fn: LossFn, params: Params, mirror: Mirror, project: bool = True, iters: int = 30,
-                       generator: torch.Generator | None = None) -> float:
+def hessian_cross_norm(loss_fn: LossFn, params: Params, mirror: Mirror, batch: Batch = None, *,
+                       project: bool = True, iters: int = 30, generator: torch.Generator | None = None) -> float:
     """Power-iteration estimate of ‖P∇²L(I − P)‖₂ with P = OOᵀ: zero on the surface of a true mirror
     symmetry (no Hessian cross terms, docs/theory.md#hessian-blocks). Costs 2 HVPs per iteration."""
-    op = projected_hessian(loss_fn, params, mirror, project)
+    op = projected_hessian(loss_fn, params, mirror, batch, project=project)
     hvp, p = op.hvp, op.params
     gen = generator or torch.Generator().manual_seed(0)
 

@@ -119,3 +119,21 @@ def test_vit_b_16():
     assert sizes == [12, 768, 3072]
     assert all(g.size == 64 for g in smap.by_kind("rotation"))
     check_function_preserving(model, x, smap)
+
+
+def test_readme_torchvision_commands_run(monkeypatch, tmp_path):
+    """The README's commands on torchvision names (the main environment has no torchvision)."""
+    import shlex
+
+    from test_readme_commands import CLI_LINES, needs_torchvision
+    from typer.testing import CliRunner
+
+    from mirrorsym.cli import app
+
+    lines = [c for c in CLI_LINES if needs_torchvision(c)]
+    assert lines
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        result = CliRunner().invoke(app, shlex.split(line)[1:], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+        assert "symmetry groups" in result.output

@@ -9,8 +9,9 @@ the lasso L(β) + 2γ‖β‖₁, i.e. scikit-learn's ``Lasso(alpha=γ)``.
 Part 1 trains one copy per γ with full-batch gradient descent (all copies at once) and compares the
 support with the per-coordinate thresholds computed by ``critical_weight_decay`` and the coefficients
 with scikit-learn's lasso path. Part 2 fixes γ and raises the learning rate with minibatch SGD on the
-sweep engine (``ms.sweep``: every (lr, batch size) a vmapped copy, resumable, local or Ray): gradient
-noise alone drives extra coordinates onto their surfaces (docs/theory.md#gradient-noise), beyond the lasso support.
+sweep engine (``ms.sweep``: every (lr, batch size, seed) a vmapped copy, resumable, local or Ray; 5 seeds,
+each its own init and minibatch stream): gradient noise alone drives extra coordinates onto their surfaces
+(docs/theory.md#gradient-noise), beyond the lasso support.
 A coordinate counts as zero when |u_i w_i| < ``zero_tol``.
 """
 
@@ -45,6 +46,7 @@ class Config:
     sgd_batch: tuple[int, ...] = (2, 8)
     sgd_lrs: tuple[float, ...] = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1)
     sgd_steps: int = 10000
+    sgd_seeds: int = 5  # independent inits and minibatch streams per (lr, batch): the finding's seeds
     zero_tol: float = 1e-6
     seed: int = 0
 
@@ -111,7 +113,7 @@ def noise_sweep(X, y, cfg: Config, ctx: Context):
     from ..sweep import Sweep
 
     grid = [{"lr": lr, "batch_size": b, "steps": cfg.sgd_steps, "weight_decay": 2 * cfg.sgd_gamma,
-             "seed": cfg.seed} for b in cfg.sgd_batch for lr in cfg.sgd_lrs]
+             "seed": cfg.seed + s} for b in cfg.sgd_batch for lr in cfg.sgd_lrs for s in range(cfg.sgd_seeds)]
     sweep = Sweep(partial(Hadamard, cfg.d), nn.functional.mse_loss, (X, y), grid,
                   metrics={"zero_fraction": ZeroFraction(cfg.zero_tol)},
                   record_every=10**9, name="sparsity-noise")
@@ -145,10 +147,11 @@ def run(cfg: Config, ctx: Context) -> dict:
     predicted = [predicted_support(X, y, beta[k], g) for k, g in enumerate(cfg.gammas)]
     df = noise_sweep(X, y, cfg, ctx)
     noise = []
-    for batch in cfg.sgd_batch:
-        rows = df[df["batch_size"] == batch].sort_values("lr")
-        noise.append({"batch": batch, "zero_fraction": rows["zero_fraction"].tolist(),
-                      "diverged": (rows["status"] == "diverged").tolist()})
+    for batch in cfg.sgd_batch:  # per lr (ascending), one value per seed
+        rows = df[df["batch_size"] == batch].sort_values(["lr", "seed"])
+        noise.append({"batch": batch,
+                      "zero_fraction": [g["zero_fraction"].tolist() for _, g in rows.groupby("lr", sort=True)],
+                      "diverged": [(g["status"] == "diverged").tolist() for _, g in rows.groupby("lr", sort=True)]})
     lasso_at_sgd_gamma = lasso_path(X.numpy(), y.numpy(), alphas=np.array([cfg.sgd_gamma]), tol=1e-12,
                                     max_iter=100000)[1][:, 0]
     return {"gammas": list(cfg.gammas), "sgd_lrs": list(cfg.sgd_lrs), "beta": beta.tolist(), "sklearn": sk.tolist(),
@@ -176,8 +179,10 @@ def plot(results: dict, ctx: Context) -> list:
     ax[0, 1].legend()
     lrs = results["sgd_lrs"]
     for row in results["noise"]:
-        ok = ~np.array(row["diverged"])
-        ax[0, 2].plot(np.array(lrs)[ok], np.array(row["zero_fraction"])[ok], "o-", label=f"SGD, batch {row['batch']}")
+        ok = ~np.array(row["diverged"]).any(1)  # lrs at which every seed stayed finite
+        zf = np.array(row["zero_fraction"], dtype=float)[ok]
+        ax[0, 2].errorbar(np.array(lrs)[ok], zf.mean(1), yerr=zf.std(1), fmt="o-", capsize=2,
+                          label=f"SGD, batch {row['batch']} (mean ± sd, {zf.shape[1]} seeds)")
     ax[0, 2].axhline(results["lasso_zero_fraction"], color="k", ls="--", label="lasso (no noise)")
     ax[0, 2].set_xlabel("learning rate η")
     ax[0, 2].set_ylabel("fraction of zero coordinates")
@@ -201,11 +206,12 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
               "projected Hessian (closed form A)", K, pred_ok, pred_ok == K),
     ]
     row = min(results["noise"], key=lambda r: r["batch"])  # the noisiest setting carries the claim
-    zf = [z for z, dv in zip(row["zero_fraction"], row["diverged"], strict=True) if not dv]
+    stable = [z for z, dv in zip(row["zero_fraction"], row["diverged"], strict=True) if not any(dv)]
     lasso = results["lasso_zero_fraction"]
-    out.append(finding(f"SGD batch {row['batch']}, largest stable lr: more zeros than the lasso at the same "
-                       f"γ={cfg.sgd_gamma} (noise-induced sparsity)", f"> {lasso:.2f}", zf[-1] if zf else None,
-                       [zf[-1] - lasso if zf else None],
-                       statistic="zero fraction of SGD at its largest stable lr − zero fraction of the lasso",
+    per_seed = [z - lasso for z in stable[-1]] if stable else [None]
+    out.append(finding(f"SGD batch {row['batch']}, largest lr at which every seed is stable: more zeros than the "
+                       f"lasso at the same γ={cfg.sgd_gamma} (noise-induced sparsity)", f"> {lasso:.2f}",
+                       float(np.mean(stable[-1])) if stable else None, per_seed,
+                       statistic="zero fraction of SGD (one seed: init and minibatches) − zero fraction of the lasso",
                        better="higher", threshold=0.0))
     return out

@@ -182,21 +182,36 @@ def test_posterior_predicted_counts_are_capped_by_latents():
     assert pred["active"] == 2 and len(pred["variance"]) == 2
 
 
-def test_plasticity_monitor_agrees_with_direct_unit_metrics_on_planted_duplicates():
-    """SymmetryMonitor (detector's unit matrices) and structure_metrics (ours) count the same distinct
-    units, and the permutation-surface distance of a planted duplicate pair is 0."""
+def test_plasticity_surface_counts_agree_with_monitor_and_structure_metrics_on_planted_duplicates():
+    """SymmetryMonitor (detector's unit matrices), structure_metrics and the batched surface_counts of the
+    plasticity experiment agree on a planted duplicate pair: swap-surface distance 0, 11 distinct units."""
+    from torch import nn
+
     from mirrorsym.diagnose.monitor import SymmetryMonitor
-    from mirrorsym.experiments.plasticity import LogitsOnly, monitor_metrics
+    from mirrorsym.experiments.continual import BatchedMLP, batched_unit_matrices, surface_counts
+
+    class LogitsOnly(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)[0]
+
+    def perm_distance(monitor):
+        groups = monitor.record().to_pandas()
+        return float(groups[groups["kind"] == "permutation"]["distance"].min())
 
     model = _mlp(width=6)
     probe = torch.rand(30, 5, generator=torch.Generator().manual_seed(0))
     monitor = SymmetryMonitor(LogitsOnly(model), (probe[:4],), data=probe)
-    before = monitor_metrics(monitor)
-    assert before["perm_distance"] > 0
+    assert perm_distance(monitor) > 0
     with torch.no_grad():
         model.layers[1].weight[:, 4] = model.layers[1].weight[:, 3]
         model.layers[0].weight[4] = model.layers[0].weight[3]
         model.layers[0].bias[4] = model.layers[0].bias[3]
-    after = monitor_metrics(monitor)
-    assert after["perm_distance"] == pytest.approx(0.0, abs=1e-6)
-    assert after["monitor_distinct"] == structure_metrics(model, probe)["distinct"] == 11
+    assert perm_distance(monitor) == pytest.approx(0.0, abs=1e-6)
+    params = BatchedMLP.stack([model]).params()
+    counts = [surface_counts(batched_unit_matrices(params, layer)) for layer in range(2)]
+    assert min(c[2][0] for c in counts) == pytest.approx(0.0, abs=1e-7)
+    assert 12 - sum(c[0][0] + c[1][0] for c in counts) == structure_metrics(model, probe)["distinct"] == 11

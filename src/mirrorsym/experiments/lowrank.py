@@ -10,11 +10,15 @@ singular values with the closed form. Part 2 fits y = Mx with minibatch SGD at a
 closed form keeps most directions: gradient noise (large lr, small batch) collapses extra directions.
 Part 3 is the control: a residual path f(x) = U(Wx + x) breaks the rotation symmetry and the learned
 map stays full rank at a γ where the plain product loses a rank. Ranks count singular values above ``rank_tol``.
+Parts 2 and 3 run on the sweep engine (``ms.sweep``; local or Ray, any device), every (batch, lr) and the
+control over ``seeds`` seeds (each its own init and minibatch stream, the same data); coupled torch
+``weight_decay = 2γ``. The findings take one value per seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ class Config:
     sgd_steps: int = 4000
     control_gamma: float = 0.3  # between σ_7 and σ_8 of M': plain UW drops one rank
     rank_tol: float = 1e-4
+    seeds: int = 5
     seed: int = 0
 
 
@@ -76,35 +81,64 @@ def factorise(M, gammas, lr: float, steps: int, gen) -> torch.Tensor:
     return U @ W
 
 
-def regress(X, Y, gamma: float, lrs, batch: int, steps: int, gen, residual: bool = False) -> torch.Tensor:
-    """Minibatch SGD on mean‖y − U(Wx [+ x])‖² + γ(‖U‖² + ‖W‖²), one copy per lr; returns the learned
-    end-to-end maps (K, m, m) (NaN where a copy diverged)."""
-    K, (n, m) = len(lrs), X.shape
-    lr = torch.as_tensor(lrs, dtype=X.dtype)[:, None, None]
-    U = 0.3 * torch.randn(K, m, m, generator=gen, dtype=X.dtype)
-    W = 0.3 * torch.randn(K, m, m, generator=gen, dtype=X.dtype)
-    for _ in range(steps):
-        idx = torch.rand(K, n, generator=gen).argsort(1)[:, :batch]
-        Xb, Yb = X[idx], Y[idx]
-        H = Xb @ W.transpose(1, 2) + (Xb if residual else 0)
-        R = H @ U.transpose(1, 2) - Yb
-        gU = 2 * R.transpose(1, 2) @ H / batch
-        gW = 2 * (R @ U).transpose(1, 2) @ Xb / batch
-        U, W = U - lr * (gU + 2 * gamma * U), W - lr * (gW + 2 * gamma * W)
-    eye = torch.eye(m, dtype=X.dtype)
-    return U @ (W + eye) if residual else U @ W
-
-
 class Factorised(nn.Module):
-    """x ↦ U(Wx) or, with ``residual``, x ↦ U(Wx + x): the two models of Parts 2–3 as nn.Modules."""
+    """x ↦ U(Wx) or, with ``residual``, x ↦ U(Wx + x): the two models of Parts 2–3 (float64, U and W
+    initialised N(0, 0.3²) from ``seed``; ``seed=None`` keeps torch's default init)."""
 
-    def __init__(self, m: int, residual: bool):
+    def __init__(self, m: int, residual: bool, seed: int | None = None):
         super().__init__()
         self.W, self.U, self.residual = nn.Linear(m, m, bias=False), nn.Linear(m, m, bias=False), residual
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for lin in (self.W, self.U):
+                    lin.weight.copy_(0.3 * torch.randn(m, m, generator=g))
+        self.double()
 
     def forward(self, x):
         h = self.W(x)
         return self.U(h + x if self.residual else h)
+
+
+def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean over samples of ‖y − f(x)‖² (summed over outputs, unlike F.mse_loss)."""
+    return ((out - y) ** 2).sum(-1).mean()
+
+
+class MapRank:
+    """Sweep metric: rank of the end-to-end map U W (or U(W + I)), singular values above ``tol``."""
+
+    def __init__(self, tol: float, residual: bool):
+        self.tol, self.residual = tol, residual
+
+    def __call__(self, params: dict, batch) -> torch.Tensor:
+        W = params["W.weight"]
+        if self.residual:
+            W = W + torch.eye(W.shape[0], dtype=W.dtype)
+        A = params["U.weight"] @ W
+        finite = torch.isfinite(A).all()  # a diverged run: NaN, not an SVD of NaNs
+        rank = (torch.linalg.svdvals(torch.where(finite, A, torch.zeros_like(A))) > self.tol).sum().double()
+        return torch.where(finite, rank, torch.full_like(rank, float("nan")))
+
+
+def regress(X, Y, cfg: Config, ctx: Context, residual: bool, grid: list[dict], store: str):
+    """Minibatch SGD on mean‖y − U(Wx [+ x])‖² + γ(‖U‖² + ‖W‖²) on the sweep engine: one run per grid entry
+    (lr, batch_size, steps, weight_decay = 2γ, seed); returns its DataFrame with the ``rank`` metric."""
+    from ..sweep import Sweep
+
+    m = X.shape[1]
+    sweep = Sweep(partial(Factorised, m, residual), squared_error, (X, Y), grid,
+                  metrics={"rank": MapRank(cfg.rank_tol, residual)}, record_every=10**9, name=f"lowrank-{store}")
+    return ctx.sweep(sweep, store)
+
+
+def _ranks(df, **where) -> list:
+    """Per seed (ascending), the rank metric of the rows matching ``where`` (None for a diverged run)."""
+    rows = df
+    for k, v in where.items():
+        rows = rows[rows[k] == v]
+    rows = rows.sort_values("seed")
+    return [None if st == "diverged" else int(r) for r, st in zip(rows["rank"], rows["status"], strict=True)]
 
 
 def detected_rotations(m: int, residual: bool) -> int:
@@ -112,7 +146,7 @@ def detected_rotations(m: int, residual: bool) -> int:
     from ..detect import find_symmetries
 
     torch.manual_seed(0)
-    smap = find_symmetries(Factorised(m, residual), torch.randn(4, m))
+    smap = find_symmetries(Factorised(m, residual), torch.randn(4, m, dtype=torch.float64))
     return sum(g.kind == "rotation" for g in smap.groups)
 
 
@@ -130,16 +164,18 @@ def run(cfg: Config, ctx: Context) -> dict:
     m = M.shape[0]
     X = torch.randint(0, 2, (cfg.n, m), generator=gen).double() * 2 - 1
     Y = X @ M.T + 0.1 * torch.randn(cfg.n, m, generator=gen, dtype=torch.float64)
-    noise = []
-    for batch in ctx.track(cfg.sgd_batch, "SGD batch sizes"):
-        maps = regress(X, Y, cfg.sgd_gamma, cfg.sgd_lrs, batch, cfg.sgd_steps, gen)
-        noise.append({"batch": batch, "svals": _svals(maps)})
-    lr_control = cfg.sgd_lrs[1]
-    control = regress(X, Y, cfg.control_gamma, [lr_control], cfg.n, 2 * cfg.sgd_steps, gen, residual=True)
-    plain = regress(X, Y, cfg.control_gamma, [lr_control], cfg.n, 2 * cfg.sgd_steps, gen, residual=False)
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    grid = [{"lr": lr, "batch_size": b, "steps": cfg.sgd_steps, "weight_decay": 2 * cfg.sgd_gamma, "seed": s}
+            for b in cfg.sgd_batch for lr in cfg.sgd_lrs for s in seeds]
+    df = regress(X, Y, cfg, ctx, False, grid, "noise")
+    noise = [{"batch": b, "ranks": [_ranks(df, batch_size=b, lr=lr) for lr in cfg.sgd_lrs]} for b in cfg.sgd_batch]
+    control = [{"lr": cfg.sgd_lrs[1], "batch_size": cfg.n, "steps": 2 * cfg.sgd_steps,
+                "weight_decay": 2 * cfg.control_gamma, "seed": s} for s in seeds]
+    residual = _ranks(regress(X, Y, cfg, ctx, True, control, "residual"))
+    plain = _ranks(regress(X, Y, cfg, ctx, False, control, "plain"))
     return {"spectrum": list(cfg.spectrum), "sgd_spectrum": list(cfg.sgd_spectrum), "gammas": list(cfg.gammas),
-            "svals": _svals(A), "sgd_lrs": list(cfg.sgd_lrs), "noise": noise, "residual_svals": _svals(control)[0],
-            "plain_svals": _svals(plain)[0],
+            "svals": _svals(A), "sgd_lrs": list(cfg.sgd_lrs), "seeds": seeds, "noise": noise,
+            "residual_ranks": residual, "plain_ranks": plain,
             "rotations_detected": {"plain": detected_rotations(m, False), "residual": detected_rotations(m, True)}}
 
 
@@ -172,10 +208,11 @@ def plot(results: dict, ctx: Context) -> list:
     ax[0, 1].set_title("σ_i(UW) = max(σ_i(M) − γ, 0) (lines)")
     lrs = results["sgd_lrs"]
     for row in results["noise"]:
-        ax[0, 2].plot(lrs, [np.nan if r is None else r for r in (_rank(s, tol) for s in row["svals"])], "o-",
-                      label=f"SGD batch {row['batch']}")
+        r = np.array([[np.nan if v is None else v for v in per_lr] for per_lr in row["ranks"]], dtype=float)
+        ax[0, 2].errorbar(lrs, np.nanmean(r, 1), yerr=np.nanstd(r, 1), fmt="o-", capsize=2,
+                          label=f"SGD batch {row['batch']}")
     ax[0, 2].set_xlabel("learning rate η")
-    ax[0, 2].set_ylabel("rank of the learned map")
+    ax[0, 2].set_ylabel(f"rank of the learned map (mean ± sd, {len(results['seeds'])} seeds)")
     ax[0, 2].set_title("Gradient noise lowers the rank (fixed γ)")
     ax[0, 2].legend()
     return [save(fig, ctx.out_dir, "lowrank")]
@@ -194,22 +231,22 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
     ]
     full = max(results["noise"], key=lambda r: r["batch"])
     noisy = min(results["noise"], key=lambda r: r["batch"])
-    full_rank = _rank(full["svals"][-1], cfg.rank_tol)
-    stable = [r for r in (_rank(s, cfg.rank_tol) for s in noisy["svals"]) if r is not None]
-    noisy_rank = stable[-1] if stable else None
-    out.append(finding(f"SGD batch {noisy['batch']} at its largest stable lr has lower rank than full-batch GD "
-                       f"(same γ={cfg.sgd_gamma}, lr={cfg.sgd_lrs[-1]})", f"< {full_rank}", noisy_rank,
-                       [None if noisy_rank is None or full_rank is None else full_rank - noisy_rank],
-                       statistic="rank of full-batch GD − rank of the noisiest SGD at its largest stable lr",
+    stable = [i for i, per_seed in enumerate(noisy["ranks"]) if None not in per_seed]
+    i = stable[-1] if stable else len(cfg.sgd_lrs) - 1  # the largest lr at which every seed is stable
+    diffs = [None if a is None or b is None else a - b for a, b in zip(full["ranks"][i], noisy["ranks"][i],
+                                                                        strict=True)]
+    out.append(finding(f"SGD batch {noisy['batch']} at the largest lr where every seed is stable "
+                       f"(lr={cfg.sgd_lrs[i]}) has lower rank than full-batch GD at that lr (same γ={cfg.sgd_gamma})",
+                       "rank difference > 0", {"full_batch": full["ranks"][i], "noisy": noisy["ranks"][i]}, diffs,
+                       statistic="rank of full-batch GD − rank of batch-1 SGD, same seed, lr and γ",
                        better="higher", threshold=0.0))
     m = len(results["sgd_spectrum"])
-    res_rank = _rank(results["residual_svals"], cfg.rank_tol)
-    plain_rank = _rank(results["plain_svals"], cfg.rank_tol)
+    res, plain = results["residual_ranks"], results["plain_ranks"]
     out.append(finding(f"residual path U(Wx + x) keeps a higher rank than plain UW at the same "
                        f"γ={cfg.control_gamma} (no rotation symmetry, no collapse)",
-                       f"residual {m}, plain < {m}", f"residual {res_rank}, plain {plain_rank}",
-                       [None if res_rank is None or plain_rank is None else res_rank - plain_rank],
-                       statistic="rank of U(Wx + x) − rank of UW, same γ and training",
+                       f"residual {m}, plain < {m}", {"residual": res, "plain": plain},
+                       [None if a is None or b is None else a - b for a, b in zip(res, plain, strict=True)],
+                       statistic="rank of U(Wx + x) − rank of UW, same seed, γ and training",
                        better="higher", threshold=0.0))
     det = results["rotations_detected"]
     out.append(Claim("ms.find_symmetries reports the rotation of U(Wx) and none for U(Wx + x)",

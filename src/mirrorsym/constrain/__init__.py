@@ -8,6 +8,15 @@ them away. Register before building the optimizer.
 
 from .apply import UnitGate, apply
 from .export import ExportReport, ExportResult, bake, count_params, export
+from .guidance import (
+    CalibrationRound,
+    DecaySuggestion,
+    UnitThresholds,
+    decay_steps,
+    live_units,
+    suggest_decay,
+    unit_thresholds,
+)
 from .parametrizations import (
     GroupSparse,
     LinearConstraint,
@@ -26,6 +35,13 @@ from .serialize import load_constrained, load_exported, save_constrained, save_e
 from .units import unit_groups
 
 __all__ = [
+    "CalibrationRound",
+    "DecaySuggestion",
+    "UnitThresholds",
+    "decay_steps",
+    "live_units",
+    "suggest_decay",
+    "unit_thresholds",
     "ExportReport",
     "ExportResult",
     "GroupSparse",

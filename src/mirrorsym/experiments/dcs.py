@@ -18,6 +18,15 @@ gated tensors and gates (a group lasso over units). ``ms.constrain.export`` drop
 and returns a plain, smaller ``nn.Sequential``. Reported: parameters before/after, test accuracy of the
 constrained model, of the exported model (outputs must agree to 1e-5 relative) and of a dense baseline
 trained the same way without DCS.
+
+Part (c), choosing the decay for a target width (``ms.constrain.suggest_decay``). A 64-``tw_hidden``-10 ReLU
+MLP on digits is fitted densely (full-batch heavy-ball GD), then gated (``apply(kind="units")``) and trained
+on with coupled decay 2γ on the gates and gated tensors, raised linearly over ``tw_ramp`` steps and held for
+the suggested number of steps. For each target width the suggestion is calibrated once, on seed 0 (greedy
+global thresholds of the dense fit, then up to ``tw_rounds`` calibration runs), and then tested on
+``tw_seeds`` fresh seeds (new initialisation, new dense fit, DCS at the suggested γ and steps): the reached
+width is what ``ms.constrain.export`` keeps. Rule fixed before the run: |reached − target| ≤
+max(2, 0.25 · target) units, per seed.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from torch import nn
 
 from ..constrain.units import merged_members
 from .base import Claim, Context, finding
-from .data import digit_images
+from .data import digit_images, digits
 from .plotting import figure, save
 
 NAME = "dcs"
@@ -67,13 +76,24 @@ class Config:
     export_rtol: float = 1e-5
     max_accuracy_drop: float = 0.03  # DCS vs dense baseline, test accuracy
     max_param_ratio: float = 0.7  # exported / dense
+    # part (c): decay for a target width, MLP on digits
+    tw_hidden: int = 32
+    tw_targets: tuple[int, ...] = (8, 12)
+    tw_seeds: int = 5
+    tw_n_train: int = 1300
+    tw_dense_steps: int = 300
+    tw_ramp: int = 400  # steps of the linear decay warm-up (then the suggested steps at full decay)
+    tw_lr: float = 0.1
+    tw_momentum: float = 0.9
+    tw_rounds: int = 3
     seed: int = 0
 
 
 CONFIGS = {
     # tiny (CI smoke size): narrow layers lose more accuracy to the group penalty, hence the looser bound
     "tiny": Config(lin_steps=600, gamma_factors=(0.5, 2.0), channels=(8, 16), hidden=32, epochs=35,
-                   dcs_weight_decay=1.5e-2, max_accuracy_drop=0.12),
+                   dcs_weight_decay=1.5e-2, max_accuracy_drop=0.12, tw_hidden=16, tw_targets=(4, 8), tw_seeds=2,
+                   tw_dense_steps=150, tw_ramp=200, tw_rounds=3),
     "quick": Config(),
     "full": Config(n=2048, d=64, k=12, s_true=tuple(float(s) for s in np.linspace(1.0, 0.1, 12)),
                    gamma_factors=tuple(float(f) for f in np.geomspace(0.2, 5.0, 16)), lin_steps=10000,
@@ -285,8 +305,75 @@ def _unit_norms(model: nn.Module, group) -> list[float]:
     return total.sqrt().tolist()
 
 
+# ---------------------------------------------------------------------------------------------- part (c)
+def width_allowance(target: int) -> float:
+    """The rule of part (c), fixed before the run: |reached − target| ≤ max(2, 0.25 · target) units."""
+    return max(2.0, 0.25 * target)
+
+
+def make_mlp(cfg: Config, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, cfg.tw_hidden), nn.ReLU(), nn.Linear(cfg.tw_hidden, 10))
+
+
+def fit_mlp(model: nn.Module, data, steps: int, lr: float, momentum: float, gamma: float = 0.0,
+            ramp: int = 0) -> nn.Module:
+    """Full-batch heavy-ball GD on the cross-entropy, in place. ``gamma > 0``: gate the units first
+    (``ms.constrain.apply``) and put coupled decay 2γ on the gates and gated tensors, raised linearly over
+    ``ramp`` steps; nothing else is decayed."""
+    import mirrorsym as ms
+
+    x, y = data
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
+    if gamma > 0:
+        ms.constrain.apply(model, x[:8], kind="units")
+        groups = ms.constrain.param_groups(model, 2 * gamma)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    for t in range(steps):
+        if gamma > 0:
+            opt.param_groups[0]["weight_decay"] = 2 * gamma * min(1.0, (t + 1) / max(ramp, 1))
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+
+def run_width(cfg: Config, ctx: Context) -> dict:
+    """Part (c): per target, calibrate ``suggest_decay`` on seed 0, then train fresh seeds at the suggestion."""
+    import mirrorsym as ms
+
+    x, y = digits()
+    perm = torch.randperm(len(x), generator=ctx.generator(cfg.seed + 20))
+    train = (x[perm[: cfg.tw_n_train]].to(ctx.device), y[perm[: cfg.tw_n_train]].to(ctx.device))
+    test = (x[perm[cfg.tw_n_train :]].to(ctx.device), y[perm[cfg.tw_n_train :]].to(ctx.device))
+    opt = {"lr": cfg.tw_lr, "momentum": cfg.tw_momentum}
+    dense0 = fit_mlp(make_mlp(cfg, cfg.seed).to(ctx.device), train, cfg.tw_dense_steps, **opt)
+    fresh = [fit_mlp(make_mlp(cfg, cfg.seed + 1 + i).to(ctx.device), train, cfg.tw_dense_steps, **opt)
+             for i in range(cfg.tw_seeds)]
+    out = []
+    for target in ctx.track(cfg.tw_targets, "target widths"):
+        def calibrate(gamma, steps):
+            return fit_mlp(copy.deepcopy(dense0), train, cfg.tw_ramp + steps, gamma=gamma, ramp=cfg.tw_ramp, **opt)
+
+        s = ms.constrain.suggest_decay(dense0, nn.functional.cross_entropy, train, target, train=calibrate,
+                                       rounds=cfg.tw_rounds, min_steps=0, **opt)
+        reached, acc = [], []
+        for dense in fresh:
+            model = fit_mlp(copy.deepcopy(dense), train, cfg.tw_ramp + s.steps, gamma=s.gamma, ramp=cfg.tw_ramp, **opt)
+            small, _ = ms.constrain.export(model, train[0], tol=s.tol)
+            reached.append(small[0].out_features)
+            acc.append(float(_accuracy(small, *test)))
+        out.append({"target": target, "gamma": s.gamma, "torch_weight_decay": s.torch_weight_decay,
+                    "steps": cfg.tw_ramp + s.steps, "first_gamma": s.rounds[0].gamma if s.rounds else s.gamma,
+                    "rounds": [[r.gamma, r.steps, r.width] for r in s.rounds], "reached": reached,
+                    "accuracy": acc, "curve_gammas": s.gammas, "curve_widths": s.widths})
+    return {"hidden": cfg.tw_hidden, "dense_accuracy": [float(_accuracy(d, *test)) for d in fresh],
+            "targets": out}
+
+
 def run(cfg: Config, ctx: Context) -> dict:
-    return {"linear": run_linear(cfg, ctx), "cnn": run_cnn(cfg, ctx)}
+    return {"linear": run_linear(cfg, ctx), "cnn": run_cnn(cfg, ctx), "width": run_width(cfg, ctx)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -307,7 +394,7 @@ def plot(results: dict, ctx: Context) -> list:
     lin, cnn = results["linear"], results["cnn"]
     gc, g = lin["gamma_c"], np.array(lin["gammas"])
     curve = np.array(lin["curve_gammas"])
-    fig, ax = figure(3)
+    fig, ax = figure(4)
     grad = np.array(lin["curve_surface_grad"])
     for i in range(grad.shape[1]):
         ax[0, 0].plot(curve / gc, grad[:, i], lw=1, label=f"|∂L/∂s_{i + 1}| at θ*_S(γ)")
@@ -344,7 +431,34 @@ def plot(results: dict, ctx: Context) -> list:
                        f"test acc dense {cnn['acc_dense']:.3f}, DCS {cnn['acc_dcs']:.3f}, exported "
                        f"{cnn['acc_exported']:.3f}", fontsize=8)
     ax[0, 2].legend(fontsize=7)
+    if "width" in results:
+        plot_width(ax[0, 3], results["width"])
     return [save(fig, ctx.out_dir, "dcs")]
+
+
+def plot_width(ax, width: dict) -> None:
+    """Target vs reached width (one dot per fresh seed), the rule's band and the identity."""
+    targets = [t["target"] for t in width["targets"]]
+    top = width["hidden"]
+    grid = np.linspace(0, top, 50)
+    ax.fill_between(grid, grid - np.maximum(2, 0.25 * grid), grid + np.maximum(2, 0.25 * grid), color="C2",
+                    alpha=0.15, label="rule: ±max(2, 25 %)")
+    ax.plot(grid, grid, "k--", lw=0.8, label="reached = target")
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(width["targets"]):
+        r = np.array(t["reached"], dtype=float)
+        ax.plot(t["target"] + rng.uniform(-0.3, 0.3, len(r)), r, "o", ms=4, color="C0",
+                label="fresh seeds" if i == 0 else None)
+        ax.plot([t["target"]], [r.mean()], "_", ms=16, mew=2, color="C3", label="mean" if i == 0 else None)
+        ax.annotate(f"γ = {t['gamma']:.3g}\n{t['steps']} steps", (t["target"], r.max()), fontsize=7,
+                    textcoords="offset points", xytext=(4, 6))
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xticks(targets)
+    ax.set_xlabel(f"target width (of {top} hidden units)")
+    ax.set_ylabel("width kept by export")
+    ax.set_title("ms.constrain.suggest_decay: target vs reached", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def claims(results: dict, cfg: Config) -> list[Claim]:
@@ -380,4 +494,12 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
                 statistic="test accuracy, DCS − dense baseline", better="higher",
                 threshold=-cfg.max_accuracy_drop, inclusive=True),
     ]
+    for t in results.get("width", {}).get("targets", []):
+        allowed = width_allowance(t["target"])
+        out.append(finding(
+            f"suggest_decay reaches the target width {t['target']} of {results['width']['hidden']} (MLP on digits, "
+            f"γ = {t['gamma']:.3g}, {t['steps']} steps, calibrated on another seed)",
+            f"{t['target']} ± {allowed:g}", t["reached"], [abs(r - t["target"]) for r in t["reached"]],
+            statistic="|reached width − target| in units (fresh seed)", better="lower", threshold=allowed,
+            inclusive=True))
     return out

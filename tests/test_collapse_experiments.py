@@ -157,7 +157,7 @@ def test_info_nce_matches_loop_and_is_rotation_invariant():
 # ------------------------------------------------------------------------------------ neural collapse
 def test_batched_classifier_equals_per_copy_linear_layers():
     g = torch.Generator().manual_seed(0)
-    params = neural_collapse.init_params(3, 8, 5, 4, g)
+    params = neural_collapse.init_params(3, 8, 5, 4, [g])  # one seed, three copies
     with torch.no_grad():
         for p in params:
             p.add_(0.1 * torch.randn(p.shape, generator=g))  # make the copies differ
@@ -168,6 +168,11 @@ def test_batched_classifier_equals_per_copy_linear_layers():
         h = torch.relu(F.linear(torch.relu(F.linear(x, W1[k], b1[k])), W2[k], b2[k]))
         assert torch.allclose(feats[k], h, atol=1e-6)
         assert torch.allclose(logits[k], F.linear(h, W3[k], b3[k]), atol=1e-6)
+    xs = torch.randn(3, 7, 8, generator=g)  # one batch per copy
+    per_copy, _ = neural_collapse.forward(params, xs)
+    for k in range(3):
+        h = torch.relu(F.linear(torch.relu(F.linear(xs[k], W1[k], b1[k])), W2[k], b2[k]))
+        assert torch.allclose(per_copy[k], F.linear(h, W3[k], b3[k]), atol=1e-6)
     y = torch.randint(0, 4, (7,), generator=g)
     mse = neural_collapse.data_loss(logits, y, "mse")
     assert torch.allclose(mse, ((logits - F.one_hot(y, 4)) ** 2).sum(2).mean(1))
@@ -175,6 +180,15 @@ def test_batched_classifier_equals_per_copy_linear_layers():
     assert torch.allclose(ce, torch.stack([F.cross_entropy(logits[k], y) for k in range(3)]))
     with pytest.raises(ValueError, match="mse"):
         neural_collapse.data_loss(logits, y, "hinge")
+
+
+def test_init_params_gives_each_seed_its_own_init_shared_by_its_copies():
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    W1 = neural_collapse.init_params(3, 8, 5, 4, gens)[0]
+    assert W1.shape == (6, 5, 8)
+    assert torch.equal(W1[0], W1[2]) and torch.equal(W1[3], W1[5]) and not torch.equal(W1[0], W1[3])
+    again = torch.Generator().manual_seed(2)
+    assert torch.equal(W1[3], (2 * torch.rand(5, 8, generator=again) - 1) / 8**0.5)
 
 
 def test_posterior_predicted_counts_are_capped_by_latents():

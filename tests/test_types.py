@@ -21,10 +21,9 @@ CLEAN = [
     f"{PKG}/diagnose",
     f"{PKG}/constrain",
     f"{PKG}/cli",
-    *(
-        f"{PKG}/detect/{name}.py"
-        for name in ("aten", "axes", "context", "examples", "groups", "registry", "rules", "smap", "trace")
-    ),
+    f"{PKG}/detect",
+    f"{PKG}/sweep",
+    f"{PKG}/report",
 ]
 
 

@@ -84,7 +84,9 @@ def plain_twin(model: nn.Module) -> nn.Module:
     for module in twin.modules():
         if parametrize.is_parametrized(module):
             private_class(module)
-            for name in list(module.parametrizations):
+            parametrizations = module.parametrizations
+            assert isinstance(parametrizations, nn.ModuleDict)  # what torch.nn.utils.parametrize registers
+            for name in list(parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return twin
 
@@ -197,7 +199,7 @@ _BLOCK_EXACT = 1e-10  # a block's outputs unchanged up to float64 round-off: the
 
 
 def _unique_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
-    out = {id(t): t for t in module.parameters()}
+    out: dict[int, torch.Tensor] = {id(t): t for t in module.parameters()}
     out.update({id(t): t for t in module.buffers()})
     return out
 
@@ -243,15 +245,19 @@ class _Swapper:
             self.real[sm] = [(a, t) for a, t in own if t is not None]
         self.members: dict[int, list[Member]] = {}
         self.group: SymmetryGroup | None = None
-        self.element = None
+        self.element: torch.Tensor | None = None
         self.handles: list = []
         self.size = {sm: _float64_bytes(m) for m, sm in zip(model.modules(), self.shell.modules(), strict=True)}
         self.budget = budget
 
     # -------------------------------------------------------------- tensors
-    def set_group(self, group: SymmetryGroup | None, element=None, model: nn.Module | None = None) -> None:
+    def set_group(
+        self, group: SymmetryGroup | None, element: torch.Tensor | None = None, model: nn.Module | None = None
+    ) -> None:
         self.group, self.element, self.members = group, element, {}
         if group is not None:
+            if model is None:
+                raise ValueError("set_group: a group needs the model whose tensors it names")
             for m in group.members:
                 t = model.get_buffer(m.name) if m.buffer else model.get_parameter(m.name)
                 self.members.setdefault(id(t), []).append(m)
@@ -266,6 +272,8 @@ class _Swapper:
                     v = _to64(t)
                     members = self.members.get(id(t))
                     if members:
+                        # members are only recorded by set_group with a group and its element
+                        assert self.group is not None and self.element is not None
                         with torch.no_grad():
                             for m in members:
                                 self.group._act_(v, m, self.element)
@@ -628,15 +636,18 @@ def _merge_shared_members(det: Detector, seg: _UF, members: dict, nodes_of_leaf:
 
 def _shared_parameters(det: Detector) -> set[str]:
     """Names of the parameters that more than one op of the traced graph uses."""
-    graph = det.ep.graph_module.graph if det.mode == "export" and det.ep is not None else det.gm.graph
     uses: dict[str, int] = defaultdict(int)
     if det.mode == "export" and det.ep is not None:
+        graph = det.ep.graph_module.graph
         sig = det.ep.graph_signature
         names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         for node in graph.nodes:
             if node.op == "placeholder" and node.name in names:
                 uses[names[node.name]] += len(node.users)
     else:
+        if det.gm is None:
+            raise RuntimeError("the model was traced with torch.export, not torch.fx")
+        graph = det.gm.graph
         modules = dict(det.gm.named_modules())
         for node in graph.nodes:
             if node.op == "get_attr":
@@ -759,7 +770,7 @@ def _rotation_groups(det, leaf, n, keys, roles, coord_of, is_buffer):
 def _head_axis(det, leaf, keys, entries):
     store = det.store
     candidates = None
-    head_coords = {}
+    head_coords: dict[int, dict[tuple[str, int], torch.Tensor]] = {}
     for name, dim, c in entries:
         axes = det._param_axes[name]
         cs = store.coords(axes.dims[dim], axes.shape[dim])

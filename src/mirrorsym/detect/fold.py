@@ -77,7 +77,7 @@ _HEAD_LAYOUTS = [
 
 
 def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
-    out = []
+    out: list[tuple[nn.Module, list[nn.Module]]] = []
     for _, block in model.named_modules():
         if isinstance(block, nn.TransformerEncoderLayer):
             if block.norm_first:
@@ -85,13 +85,13 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
             continue
         for norm_path, reader_paths in _BLOCK_LAYOUTS:
             norm = _get(block, norm_path)
-            readers = [_get(block, p) for p in reader_paths]
-            if norm is not None and all(r is not None for r in readers):
+            readers = [r for r in (_get(block, p) for p in reader_paths) if r is not None]
+            if norm is not None and len(readers) == len(reader_paths):
                 out.append((norm, readers))
     for norm_path, reader_paths in _HEAD_LAYOUTS:
         norm = _get(model, norm_path)
-        readers = [_get(model, p) for p in reader_paths]
-        if norm is not None and all(r is not None for r in readers):
+        readers = [r for r in (_get(model, p) for p in reader_paths) if r is not None]
+        if norm is not None and len(readers) == len(reader_paths):
             out.append((norm, readers))
     return out
 
@@ -116,8 +116,18 @@ def _reader_tensors(reader: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
             return None
         return reader.in_proj_weight, reader.in_proj_bias, 1
     if type(reader).__name__ == "Conv1D" and hasattr(reader, "nf"):  # transformers' GPT-2 Conv1D: x W + b
-        return reader.weight, reader.bias, 0
+        weight, bias = reader.weight, reader.bias
+        if isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)):
+            return weight, bias, 0
     return None
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, which the caller knows is a tensor (a parameter or buffer)."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    return value
 
 
 def _affine_parts(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -131,19 +141,19 @@ def _affine_parts(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
     probe = copy.deepcopy(norm).double().eval()
     unit = copy.deepcopy(probe)
     with torch.no_grad():
-        unit.weight.fill_(1.0)
+        _tensor(unit, "weight").fill_(1.0)
         if bias is not None:
-            unit.bias.zero_()
+            _tensor(unit, "bias").zero_()
         x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        expected = probe.weight * unit(x) + (probe.bias if bias is not None else 0.0)
+        expected = _tensor(probe, "weight") * unit(x) + (_tensor(probe, "bias") if bias is not None else 0.0)
         ok = torch.allclose(probe(x), expected, rtol=1e-5, atol=1e-6)  # RMSNorms may compute in float32
     return (weight, bias) if ok else None
 
 
 def _fold(norm: nn.Module, readers: list[nn.Module], tied: set[int]) -> bool:
     parts = _affine_parts(norm)
-    tensors = [_reader_tensors(r) for r in readers]
-    if parts is None or any(t is None for t in tensors):
+    tensors = [t for t in (_reader_tensors(r) for r in readers) if t is not None]
+    if parts is None or len(tensors) != len(readers):
         return False
     if any(id(w) in tied or (b is not None and id(b) in tied) for w, b, _ in tensors):
         return False
@@ -155,13 +165,14 @@ def _fold(norm: nn.Module, readers: list[nn.Module], tied: set[int]) -> bool:
         if keep_beta and not bool((g != 0).all()):
             return False
         for w, b, dim in tensors:
-            if fold_beta and not keep_beta:
+            if beta is not None and fold_beta and not keep_beta:
                 # y = W (γ n + β) + b: the reader's bias absorbs W β (computed before W is scaled)
+                assert b is not None  # not keep_beta: every reader has a bias
                 shift = w @ beta.to(w.dtype) if dim == 1 else beta.to(w.dtype) @ w
                 b.add_(shift)
             shape = [1, -1] if dim == 1 else [-1, 1]
             w.mul_(g.to(w.dtype).reshape(shape))
-        if fold_beta and keep_beta:
+        if beta is not None and fold_beta and keep_beta:
             beta.div_(g.to(beta.dtype))
         elif beta is not None:
             beta.zero_()

@@ -341,14 +341,15 @@ class _Chunk:
             noise = args[i:i + P] if use_noise else None
             grads, loss = grad_fn(dict(zip(names, params, strict=True)), buffers, *batch)
             g = [grads[k] for k in names]
-            if use_noise:
+            if noise is not None:  # use_noise
                 g = [gi + h["noise"][j] * noise[j] for j, gi in enumerate(g)]
             if clip:
                 norms = [torch.linalg.vector_norm(gi.reshape(K, -1), dim=1) for gi in g]
                 total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
                 coef = torch.clamp(h["clip"][0] / (total + 1e-6), max=1.0)
                 g = [gi * _broadcast(coef, gi) for gi in g]
-            new_params, new_state = [], {kind: [] for kind in state_kinds}
+            new_params: list[torch.Tensor] = []
+            new_state: dict[str, list[torch.Tensor]] = {kind: [] for kind in state_kinds}
             for j, p in enumerate(params):
                 # x + s·y as one addcmul (s per copy): the same expression torch's optimizers evaluate
                 d = p - h["anchor"][j] if use_anchor else p

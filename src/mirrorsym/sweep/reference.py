@@ -50,7 +50,7 @@ def make_scheduler(opt: torch.optim.Optimizer, config: Mapping):
     return None
 
 
-def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, list[float]]:
+def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, list[int] | list[float]]:
     """Train one config with a plain loop; return ``{"history_step": [...], "history_<metric>": [...]}``."""
     device = resolve_device(device)
     model = build_copy(problem, config).to(device)
@@ -68,7 +68,7 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
                for i, p in enumerate(params.values())]
     marks = record_steps(config["steps"], problem.record_every)
     later_marks = set(marks[1:])
-    history: dict[str, list[float]] = {"history_step": marks, **{f"history_{m}": [] for m in problem.metrics}}
+    history: dict[str, list[float]] = {f"history_{m}": [] for m in problem.metrics}
     buffers = dict(model.named_buffers())
 
     def record():
@@ -89,7 +89,7 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
         with torch.no_grad():
             if config["noise"] > 0:
                 for i, p in enumerate(params.values()):
-                    p.grad.add_(rng.gaussian(config["seed"], rng.NOISE, t, i, p.shape, dtype, device),
+                    _grad(p).add_(rng.gaussian(config["seed"], rng.NOISE, t, i, p.shape, dtype, device),
                                 alpha=config["noise"])
             if config["clip_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip_grad_norm"])
@@ -99,10 +99,18 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
                     if config["optimizer"] == "adamw":
                         p.sub_((p - anchors[i]) * (lr * lam))
                     else:
-                        p.grad.add_(p - anchors[i], alpha=lam)
+                        _grad(p).add_(p - anchors[i], alpha=lam)
         opt.step()
         if scheduler is not None:
             scheduler.step()
         if t + 1 in later_marks:
             record()
-    return history
+    return {"history_step": marks, **history}
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, which ``loss.backward()`` has just filled."""
+    if p.grad is None:
+        raise RuntimeError("mirrorsym.sweep: a parameter has no gradient after loss.backward() (the loss does "
+                           "not depend on it)")
+    return p.grad

@@ -174,11 +174,13 @@ class Streams:
     def __init__(self, seed, device=None):
         if isinstance(seed, torch.Tensor) and seed.dim() == 0 and device is None:
             seed = int(seed)
+        self.seed: int | torch.Tensor
+        self.batch: tuple[int, ...]
         if isinstance(seed, int):
             self.seed, self.batch, self.device = seed, (), device
         else:
-            self.seed = torch.as_tensor(seed, dtype=torch.long, device=device)
-            self.batch, self.device = tuple(self.seed.shape), self.seed.device
+            seeds = torch.as_tensor(seed, dtype=torch.long, device=device)
+            self.seed, self.batch, self.device = seeds, tuple(seeds.shape), seeds.device
         self._keys: dict[int, object] = {}
 
     def _key(self, purpose: int):

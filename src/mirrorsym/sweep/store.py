@@ -54,6 +54,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeAlias, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -65,7 +66,9 @@ from .config import STANDARD
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
+    HAVE_FCNTL = False
+else:
+    HAVE_FCNTL = True
 
 META = "sweep.json"
 RUNS = "runs"
@@ -90,7 +93,7 @@ def _content_sha(meta: Mapping) -> str:
 class ChunkInfo:
     """What a verified chunk's checksum file says about it."""
 
-    path: Path
+    path: StorePath
     run_ids: tuple[str, ...]
     fingerprint: str | None
 
@@ -103,16 +106,17 @@ class Claim:
     """A held chunk claim; :meth:`release` (or process death) frees it. ``fd == -1``: a claim that holds
     nothing (file locking unavailable)."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: StorePath, fd: int):
         self.path, self.fd = path, fd
 
     def release(self) -> None:
         if self.fd < 0:
             return
+        path = _local(self.path)  # a claim that holds a lock is a local file
         # unlink while still locked: whoever opened the old file sees that it is gone and retries
         try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                self.path.unlink()
+            if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                path.unlink()
         except FileNotFoundError:
             pass
         os.close(self.fd)
@@ -230,7 +234,29 @@ class RemotePath:
         return target
 
 
-def store_location(out_dir: str | os.PathLike) -> Path | RemotePath:
+StorePath: TypeAlias = "Path | RemotePath"
+"""Where the store keeps a file or folder: a local path, or one on a remote filesystem."""
+
+_RenamableT = TypeVar("_RenamableT", bound="_Renamable")
+
+
+class _Renamable(Protocol):
+    """A path that names a sibling of the same kind: ``pathlib.Path`` and :class:`RemotePath`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def with_name(self: _RenamableT, name: str) -> _RenamableT: ...
+
+
+def _local(path: StorePath) -> Path:
+    """``path`` of a local store (the callers check ``ResultStore.remote`` first)."""
+    if isinstance(path, RemotePath):
+        raise TypeError(f"mirrorsym.sweep: {path} is on a remote filesystem; this step needs a local store")
+    return path
+
+
+def store_location(out_dir: str | os.PathLike) -> StorePath:
     """A local ``Path`` for a path or ``file://`` URL, else a :class:`RemotePath` opened with pyarrow, or
     with fsspec for schemes pyarrow does not know."""
     if not isinstance(out_dir, str) or "://" not in out_dir:
@@ -260,14 +286,14 @@ def store_location(out_dir: str | os.PathLike) -> Path | RemotePath:
     return RemotePath(fs, path, out_dir)
 
 
-def _write(path: Path | RemotePath, data: bytes | str) -> None:
+def _write(path: StorePath, data: bytes | str) -> None:
     if isinstance(path, RemotePath):
         path.replace_with(data.encode() if isinstance(data, str) else data)
     else:
         atomic_write(path, data)
 
 
-def _move_aside(path: Path | RemotePath):
+def _move_aside(path: StorePath) -> StorePath | None:
     return path.move_aside() if isinstance(path, RemotePath) else move_aside(path)
 
 
@@ -276,12 +302,12 @@ class ResultStore:
     local path, a ``file://`` URL or a pyarrow/fsspec filesystem URL."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.root = store_location(out_dir)
+        self.root: StorePath = store_location(out_dir)
         self.remote = isinstance(self.root, RemotePath)
         self.runs = self.root / RUNS
         self.meta: dict | None = None
         self._stored_meta: dict | None = None
-        self._verified: dict[Path, tuple[tuple, ChunkInfo]] = {}
+        self._verified: dict[StorePath, tuple[tuple | None, ChunkInfo]] = {}
         self._warned_no_locks = False
 
     # ------------------------------------------------------------------ sweep.json
@@ -323,8 +349,8 @@ class ResultStore:
         """
         self.runs.mkdir(parents=True, exist_ok=True)
         if not self.remote:  # remote: no pids to check and no claims to tidy (see the module docstring)
-            remove_stale_temporaries(self.root)
-            remove_stale_temporaries(self.runs)
+            remove_stale_temporaries(_local(self.root))
+            remove_stale_temporaries(_local(self.runs))
             self._tidy_claims_and_checksums()
         old = self.read_meta()
         ident = {k: v for k, v in meta.items() if k != "fingerprint"}
@@ -378,10 +404,11 @@ class ResultStore:
         previous holder may have finished it just before."""
         return self._claim_path(self.runs / (chunk_name(run_ids) + CLAIM_SUFFIX))
 
-    def _claim_path(self, path: Path) -> Claim | None:
+    def _claim_path(self, store_path: StorePath) -> Claim | None:
         if self.remote:  # no locks on remote filesystems: a claim that holds nothing
-            return Claim(path, -1)
-        if fcntl is None:  # pragma: no cover - not POSIX
+            return Claim(store_path, -1)
+        path = _local(store_path)
+        if not HAVE_FCNTL:  # pragma: no cover - not POSIX
             return self._claim_exclusive(path)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -425,28 +452,28 @@ class ResultStore:
 
     def claim_owners(self, run_ids_of_chunks: Iterable[Iterable[str]]) -> list[str]:
         """``"pid P on HOST"`` for each chunk claim that exists (for waiting messages)."""
-        owners = []
+        owners: list[str] = []
         if self.remote:
             return owners
         for ids in run_ids_of_chunks:
-            owner = claim_owner(self.runs / (chunk_name(ids) + CLAIM_SUFFIX))
+            owner = claim_owner(_local(self.runs) / (chunk_name(ids) + CLAIM_SUFFIX))
             if owner is not None:
                 owners.append(f"pid {owner[0]} on {owner[1]}")
         return sorted(set(owners))
 
     # ------------------------------------------------------------------ chunks
-    def chunk_path(self, run_ids: Iterable[str]) -> Path:
+    def chunk_path(self, run_ids: Iterable[str]) -> StorePath:
         return self.runs / (chunk_name(run_ids) + CHUNK_SUFFIX)
 
     def has_chunk(self, run_ids: Iterable[str]) -> bool:
         return self.chunk_path(run_ids).exists()
 
-    def chunk_files(self) -> list[Path]:
+    def chunk_files(self) -> list[StorePath]:
         if not self.runs.is_dir():
             return []
         return sorted(self.runs.glob(f"chunk-*{CHUNK_SUFFIX}"))
 
-    def write_chunk(self, rows: Sequence[Mapping]) -> Path:
+    def write_chunk(self, rows: Sequence[Mapping]) -> StorePath:
         """Write the rows of one finished chunk: its checksum file first, then the chunk, each atomically."""
         ids = sorted(r["run_id"] for r in rows)
         path = self.chunk_path(ids)
@@ -459,7 +486,7 @@ class ResultStore:
         _write(path, data)
         return path
 
-    def _verify(self, path: Path) -> ChunkInfo:
+    def _verify(self, path: StorePath) -> ChunkInfo:
         """Check one chunk against its checksum file and the expected schema; raise DamagedFile."""
         sum_path = _sum_path(path)
         try:
@@ -496,7 +523,8 @@ class ResultStore:
     def scan(self) -> list[ChunkInfo]:
         """Every verified chunk. Damaged ones are reported (warning naming the file and why), moved aside
         to ``<name>.corrupt`` with their checksum file, and left out, so their runs count as not done."""
-        good, seen = [], set()
+        good: list[ChunkInfo] = []
+        seen: set[StorePath] = set()
         for path in self.chunk_files():
             seen.add(path)
             try:
@@ -517,7 +545,7 @@ class ResultStore:
             del self._verified[gone]
         return good
 
-    def _move_aside(self, path: Path, reason: str) -> None:
+    def _move_aside(self, path: StorePath, reason: str) -> None:
         moved = _move_aside(path)
         if moved is None:
             return  # another process got there first and reported it
@@ -558,11 +586,11 @@ class ResultStore:
         return df.sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
-def _sum_path(chunk: Path | RemotePath) -> Path | RemotePath:
+def _sum_path(chunk: _RenamableT) -> _RenamableT:
     return chunk.with_name(chunk.name + SUM_SUFFIX)
 
 
-def _stat_key(path: Path | RemotePath) -> tuple | None:
+def _stat_key(path: StorePath) -> tuple | None:
     """What identifies a verified chunk and its checksum file unchanged; None: cannot tell (re-verify)."""
     if isinstance(path, RemotePath):
         keys = (path.stat_key(), _sum_path(path).stat_key() if _sum_path(path).exists() else ())

@@ -57,7 +57,7 @@ from ..core.io import source_tree_hash
 from . import backends
 from .config import OPTIONS, check_against_data, expand_grid, run_id
 from .engine import Problem, UnsupportedModel, check_trainable, program_key, train_chunk
-from .store import ResultStore
+from .store import ResultStore, StorePath
 
 BACKENDS = ("local", "ray")
 POLL_SECONDS = 0.1  # how often a process waiting for chunks claimed by another one looks again
@@ -133,7 +133,7 @@ def tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
             t = t.to_dense()
         flat = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
         if flat.numel():
-            h.update(flat.view(torch.uint8).numpy())
+            h.update(flat.view(torch.uint8).numpy().data)  # the array's memoryview: its bytes, not copied
     return h.hexdigest()[:16]
 
 
@@ -173,7 +173,7 @@ def _describe_function(fn: types.FunctionType, depth: int, seen: frozenset) -> d
     contents are not hashed, or a factory that counts its calls would never resume."""
     # a lambda's source is its whole line (other arguments too): its bytecode pins it down exactly
     body = None if fn.__name__ == "<lambda>" else _source_digest(fn)
-    out = {"function": _qualname(fn), "code": body or _code_digest(fn.__code__)}
+    out: dict[str, object] = {"function": _qualname(fn), "code": body or _code_digest(fn.__code__)}
     if fn.__closure__:
         cells = []
         for cell in fn.__closure__:
@@ -294,7 +294,7 @@ def what_changed(old: Mapping | None, new: Mapping) -> list[str]:
         return []
     if not old.get("parts"):
         return ["the store was written by a mirrorsym without input fingerprints"]
-    changed = []
+    changed: list[str] = []
     for key, new_value in new["parts"].items():
         if old["parts"].get(key) != new_value:
             label = _CHANGES.get(key, f"{key} changed")
@@ -555,7 +555,7 @@ class Sweep:
                               workers: int = 1) -> pd.DataFrame:
         """Train what is neither stored nor claimed by another live process, wait for what is, and repeat
         until every run is stored and verified; returns the rows in grid order."""
-        attempts: Counter[str] = Counter()
+        attempts: Counter[StorePath] = Counter()
         waiting_since, last_count, incomplete = None, -1, 0
         while True:
             finished = store.finished_ids()

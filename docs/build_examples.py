@@ -31,6 +31,7 @@ EXAMPLES: dict[str, tuple[tuple[str, ...], object]] = {
     "find_symmetries": (("groups.png", "residual.png"), lambda scratch: []),
     "monitor_collapse": (("collapse.png", "diagnose/dead_distinct.png"), lambda scratch: []),
     "constrain_and_export": (("sparse_low_rank.png", "units_export.png"), lambda scratch: []),
+    "dcs_target_width": (("target_width.png",), lambda scratch: []),
     "predict_collapse": (("critical_weight_decay.png", "critical_learning_rate.png"), lambda scratch: []),
     "sweep_phase_diagram": (("phase_diagram.png",), lambda scratch: ["--runs", str(scratch / "runs")]),
     "reproduce_paper": (("claims_summary.png", "theorem1.png"), lambda scratch: ["--report", str(scratch / "report")]),

@@ -103,7 +103,7 @@ def main(argv=None) -> None:
               f"params {report.params_before} → {report.params_after}")
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax[0].step(suggestion.gammas, suggestion.widths, where="post", label=f"predicted width ({th.criterion} thresholds)")
+    ax[0].step(suggestion.gammas, suggestion.widths, where="post", label=f"predicted width ({th.threshold} thresholds)")
     for i, r in enumerate(suggestion.rounds):
         ax[0].plot(r.gamma, r.width, "o", color="C1", label="calibration runs" if i == 0 else None)
         ax[0].annotate(str(i), (r.gamma, r.width), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -165,8 +165,8 @@ def test_bad_inputs_raise_clear_errors():
     deep = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
     with pytest.raises(ValueError, match="group="):
         ms.constrain.unit_thresholds(deep, _mse, data)
-    with pytest.raises(ValueError, match="criterion"):
-        ms.constrain.unit_thresholds(m, _mse, data, criterion="local")
+    with pytest.raises(ValueError, match="threshold"):
+        ms.constrain.unit_thresholds(m, _mse, data, threshold="local")
 
 
 def test_local_threshold_of_a_dead_gated_unit_is_zero():

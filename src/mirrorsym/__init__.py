@@ -15,5 +15,5 @@ from .diagnose import DiagnoseReport, SymmetryMonitor
 __version__ = "0.1.0"
 
 __all__ = ["DiagnoseReport", "Mirror", "SymmetryMap", "SymmetryMonitor", "__version__", "check_invariance",
-           "constrain", "core", "detect", "diagnose", "find_symmetries", "loss_from_model", "remove_symmetries", "sweep",
-           "theory"]
+           "constrain", "core", "detect", "diagnose", "find_symmetries", "loss_from_model", "remove_symmetries",
+           "sweep", "theory"]

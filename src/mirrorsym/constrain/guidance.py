@@ -78,7 +78,7 @@ from ..detect import Permutation, SymmetryMap
 from .export import bake
 from .units import merged_members, unit_groups
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 THRESHOLDS = ("global", "spinodal", "removal")
 
 
@@ -122,10 +122,10 @@ class UnitLoss:
     """L(θ with unit j of ``group`` scaled by c_j), batched over scale vectors c ∈ ℝⁿ, on a baked copy of
     ``model`` in eval mode. ``group`` names plain (baked) parameters."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFunction, data: tuple[torch.Tensor, torch.Tensor],
+    def __init__(self, model: nn.Module, criterion: Criterion, data: tuple[torch.Tensor, torch.Tensor],
                  group: Permutation, chunk: int = 16) -> None:
         self.model = model
-        self.loss_fn, (self.x, self.y), self.chunk = loss_fn, data, chunk
+        self.criterion, (self.x, self.y), self.chunk = criterion, data, chunk
         self.n = group.size
         self.params = {k: v.detach() for k, v in model.named_parameters()}
         self.buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -162,7 +162,7 @@ class UnitLoss:
 
     def _one(self, c: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(self.model, (self._scaled(c), self.buffers), (self.x,))
-        return self.loss_fn(out, self.y)
+        return self.criterion(out, self.y)
 
     @torch.no_grad()
     def __call__(self, scales: torch.Tensor) -> torch.Tensor:
@@ -199,10 +199,10 @@ class UnitThresholds:
     one point (module docstring). ``global_``, ``spinodal``, ``removal``: per unit with every other unit as it
     is (0 for a dead unit). ``order``: the greedy elimination order (dead units first); ``path``: the
     non-decreasing γ at which the width drops from n − i to n − i − 1 (``path[i]``, i = 0 … n − 2), computed
-    with ``criterion``."""
+    with ``threshold``."""
 
     group: str
-    criterion: str
+    threshold: str
     norms: list[float]
     global_: list[float]
     spinodal: list[float]
@@ -268,29 +268,29 @@ def _pick_group(plain: nn.Module, example_inputs, group) -> Permutation:
     raise KeyError(f"no unit group labelled {group!r}; the model has {[g.label for g in found]}")
 
 
-def unit_thresholds(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.Tensor, torch.Tensor], *,
+def unit_thresholds(model: nn.Module, criterion: Criterion, data: tuple[torch.Tensor, torch.Tensor], *,
                     group: int | str | Permutation | None = None, example_inputs=None,
-                    criterion: str = "global", scales: Sequence[float] | None = None, max_samples: int | None = 512,
+                    threshold: str = "global", scales: Sequence[float] | None = None, max_samples: int | None = 512,
                     alive_tol: float = 1e-6, greedy_fraction: float = 0.2) -> UnitThresholds:
     """Global, spinodal and removal thresholds (module docstring) of every unit of one group at the current
-    weights, and the greedy elimination path (with ``criterion``).
+    weights, and the greedy elimination path (with ``threshold``).
 
     ``model``: a plain or DCS-gated model (gates are baked into a copy; the model is not changed).
-    ``loss_fn(outputs, targets)``: the mean training loss (e.g. ``torch.nn.functional.cross_entropy``);
+    ``criterion(outputs, targets)``: the mean training loss (e.g. ``torch.nn.functional.cross_entropy``);
     ``data = (inputs, targets)``: the data it is averaged over (the first ``max_samples`` rows are used).
     ``group``: which permutation group (index, label or :class:`~mirrorsym.detect.Permutation`; needed when
     the model has several), found by ``ms.find_symmetries`` on ``example_inputs`` (default: 8 rows of data).
     ``scales``: the ray is sampled at r = c‖θ_j‖ for these c (default 16 values from 0.02 to 4, log-spaced,
     plus 1). Units with ‖θ_j‖ ≤ ``alive_tol`` are dead (threshold 0). ``greedy_fraction``: the share of the live
     units removed between two re-evaluations (at least one)."""
-    if criterion not in THRESHOLDS:
-        raise ValueError(f"criterion must be one of {THRESHOLDS}, got {criterion!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     x, y = data
     if max_samples is not None:
         x, y = x[:max_samples], y[:max_samples]
     plain = _baked(model)
     grp = _pick_group(plain, x[:8] if example_inputs is None else example_inputs, group)
-    f = UnitLoss(plain, loss_fn, (x, y), grp)
+    f = UnitLoss(plain, criterion, (x, y), grp)
     n = grp.size
     c = sorted(set(torch.logspace(math.log10(0.02), math.log10(4.0), 16).tolist() + [1.0])
                if scales is None else {float(s) for s in scales} | {1.0})
@@ -314,7 +314,7 @@ def unit_thresholds(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.T
         glob, spin, rem = _ray_thresholds(L[:, 1:], L[:, 0], grid[None, :] * norms[live, None], at_one)
         if first is None:
             first = tuple(zeros.clone().index_copy_(0, live, v) for v in (glob, spin, rem))
-        score = {"global": glob, "spinodal": spin, "removal": rem}[criterion]
+        score = {"global": glob, "spinodal": spin, "removal": rem}[threshold]
         k = max(1, int(greedy_fraction * m)) if m > 1 else 1
         for idx in score.argsort()[:k].tolist():
             j = int(live[idx])
@@ -322,7 +322,7 @@ def unit_thresholds(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.T
             path.append(max([float(score[idx])] + path[-1:]))
             alive[j] = False
     first = first or (zeros, zeros, zeros)
-    return UnitThresholds(group=grp.label, criterion=criterion, norms=norms.tolist(), global_=first[0].tolist(),
+    return UnitThresholds(group=grp.label, threshold=threshold, norms=norms.tolist(), global_=first[0].tolist(),
                           spinodal=first[1].tolist(), removal=first[2].tolist(), order=order, path=path[:-1])
 
 
@@ -405,18 +405,18 @@ def _width_curve(th: UnitThresholds) -> tuple[list[float], list[int]]:
     return gammas, [th.width(g) for g in gammas]
 
 
-def suggest_decay(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.Tensor, torch.Tensor],
+def suggest_decay(model: nn.Module, criterion: Criterion, data: tuple[torch.Tensor, torch.Tensor],
                   target_units: int, *, lr: float, momentum: float = 0.0,
                   train: Callable[[float, int], nn.Module] | None = None, rounds: int = 4,
                   tolerance: int = 0, group: int | str | Permutation | None = None,
-                  example_inputs=None, criterion: str = "global", tol: float = 1e-6, min_steps: int = 0,
+                  example_inputs=None, threshold: str = "global", tol: float = 1e-6, min_steps: int = 0,
                   max_samples: int | None = 512) -> DecaySuggestion:
     """Suggest the decay γ (and torch ``weight_decay`` = 2γ) and a number of steps for which DCS over units
     (``ms.constrain.apply(kind="units")``) ends with ``target_units`` live units in ``group``.
 
     ``model``: a trained model, plain or gated (e.g. a dense fit, or a gated model trained briefly at a small
-    decay): the first thresholds are evaluated there (:func:`unit_thresholds`, with ``loss_fn``, ``data``,
-    ``criterion``). ``train(gamma, steps) -> model``: optional, your training function (fresh model, DCS gates,
+    decay): the first thresholds are evaluated there (:func:`unit_thresholds`, with ``criterion``, ``data``,
+    ``threshold``). ``train(gamma, steps) -> model``: optional, your training function (fresh model, DCS gates,
     coupled ``weight_decay = 2 * gamma`` on ``ms.constrain.param_groups``, at least ``steps`` steps at ``lr`` /
     ``momentum``); with it, up to ``rounds`` calibration runs refine γ (module docstring), stop at the first
     width within ``tolerance`` units of the target (default 0: exact), and the trained γ whose width came
@@ -440,8 +440,10 @@ def suggest_decay(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.Ten
     _check_target(target_units, grp.size)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 units, got {tolerance}")
-    kw = dict(group=grp, criterion=criterion, max_samples=max_samples)
-    th0 = th = unit_thresholds(model, loss_fn, data, **kw)
+    def thresholds_at(m: nn.Module) -> UnitThresholds:
+        return unit_thresholds(m, criterion, data, group=grp, threshold=threshold, max_samples=max_samples)
+
+    th0 = th = thresholds_at(model)
     r0 = max(max(th0.norms), tol)
 
     def steps_for(g: float) -> int:
@@ -452,19 +454,22 @@ def suggest_decay(model: nn.Module, loss_fn: LossFunction, data: tuple[torch.Ten
         raise ValueError(f"the thresholds at this model give no positive decay for {target_units} units (its live "
                          f"units: {sum(n > 0 for n in th0.norms)}); pass a model with more live units")
     history: list[CalibrationRound] = []
-    for _ in range(rounds if train is not None else 0):
+    for _ in range(rounds):
+        if train is None:
+            break
         steps = steps_for(gamma)
         trained = train(gamma, steps)
-        width = live_units(trained, ex, group=grp, tol=tol)
-        if abs(width - target_units) <= tolerance:
-            history.append(CalibrationRound(gamma, steps, width, gamma))
+        got = live_units(trained, ex, group=grp, tol=tol)
+        if abs(got - target_units) <= tolerance:
+            history.append(CalibrationRound(gamma, steps, got, gamma))
             break
-        if width > target_units:  # re-evaluate where training went: the thresholds of the shrunk model
-            th = unit_thresholds(trained, loss_fn, data, **kw)
-        proposal = _next_gamma(history + [CalibrationRound(gamma, steps, width, math.nan)], target_units, th)
-        history.append(CalibrationRound(gamma, steps, width, proposal))
+        if got > target_units:  # re-evaluate where training went: the thresholds of the shrunk model
+            th = thresholds_at(trained)
+        proposal = _next_gamma(history + [CalibrationRound(gamma, steps, got, math.nan)], target_units, th)
+        history.append(CalibrationRound(gamma, steps, got, proposal))
         gamma = proposal
-    reached = width = None
+    reached: bool | None = None
+    width: int | None = None
     if history:  # the trained γ whose width came closest (the latest on ties)
         best = min(reversed(history), key=lambda r: abs(r.width - target_units))
         gamma, width, reached = best.gamma, best.width, abs(best.width - target_units) <= tolerance

@@ -75,7 +75,8 @@ def plain_loop(config, X, Y, record_every=1):
 
     record()
     for t in range(config["steps"]):
-        idx = rng.batch_indices(config["seed"], t, N, config["batch_size"])
+        idx = rng.batch_indices(config["seed"], t, N, config["batch_size"],
+                                replace=config.get("sampling", "with_replacement") == "with_replacement")
         opt.zero_grad()
         nn.functional.mse_loss(model(X[idx]), Y[idx]).backward()
         with torch.no_grad():
@@ -114,7 +115,8 @@ def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, exact=True):
 
 
 # ---------------------------------------------------------------- trajectory against plain PyTorch
-@pytest.mark.parametrize("options", [{}, {"noise": 0.3}, {"decay_to_offset_sigma": 0.7}])
+@pytest.mark.parametrize("options", [{}, {"noise": 0.3}, {"decay_to_offset_sigma": 0.7},
+                                     {"sampling": "without_replacement"}])
 def test_vmapped_copies_follow_plain_torch_sgd(tmp_path, options):
     momentum = [0.0, 0.9] if not options else 0.9
     grid = {"lr": [0.05, 0.2], "momentum": momentum, "weight_decay": [0.0, 0.03], "seed": [0, 3],
@@ -399,6 +401,24 @@ def test_traced_blocks_equal_eager_steps_and_freeze_at_the_same_step(tmp_path, m
         for name in METRICS:
             np.testing.assert_allclose(a[f"history_{name}"], np.asarray(b[f"history_{name}"])[[0, 20, 40, 60]],
                                        rtol=0, atol=1e-12)
+
+
+def test_minibatches_without_replacement_are_uniform_subsets():
+    seeds = torch.tensor([3, 0, 2**32 - 1])
+    streams = rng.Streams(seeds)
+    whole = streams.batch_indices_block(5, 30, 11, 4, replace=False)
+    alone = torch.stack([torch.stack([rng.batch_indices(int(s), t, 11, 4, replace=False) for t in range(5, 35)])
+                         for s in seeds], dim=1)
+    assert torch.equal(whole, alone)  # the host-side block = the per-step function, bit for bit
+    assert all(len(set(b.tolist())) == 4 for b in whole.reshape(-1, 4))  # no repeats inside a batch
+    # n = 4, B = 2: each of the 6 subsets equally likely (chi-square over 6000 draws)
+    draws = rng.Streams(7).batch_indices_block(0, 6000, 4, 2, replace=False)
+    subsets = [tuple(sorted(b)) for b in draws.tolist()]
+    counts = np.array([subsets.count(c) for c in sorted(set(subsets))])
+    assert len(counts) == 6
+    from scipy.stats import chisquare
+
+    assert chisquare(counts).pvalue > 1e-4
 
 
 def test_minibatch_blocks_do_not_depend_on_grouping():

@@ -10,6 +10,9 @@ A *run config* is a flat dict with one value for every standard field and every 
                             L + γ‖θ‖² convention **γ = λ/2**
 ``momentum``                heavy-ball μ ∈ [0, 1) (default 0), torch.optim.SGD semantics
                             (dampening 0, no Nesterov)
+``sampling``                option: ``"with_replacement"`` (default: B independent uniform indices) or
+                            ``"without_replacement"`` (a uniform random B-subset of the n samples, what the
+                            noise theory of docs/theory.md#gradient-noise assumes; costs n hash words a step)
 ``seed``                    int in [0, 2³²) (default 0): the model factory's seed and the key of every
                             random draw of the run (see :mod:`mirrorsym.sweep.rng`)
 ``noise``                   option: std σ ≥ 0 of Gaussian noise added to every gradient coordinate
@@ -147,6 +150,7 @@ register_option("noise", 0.0, _non_negative, doc="std of Gaussian noise added to
 register_option("decay_to_offset_sigma", 0.0, _non_negative,
                 doc="decay towards a fixed random θ₀ ~ N(0, σ₀²I) instead of 0")
 
+SAMPLINGS = ("with_replacement", "without_replacement")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 
@@ -162,6 +166,8 @@ def _unit_interval(v):
 # optimizer options: registered like method options, so that run ids only hash them away from their
 # defaults (the ids of plain SGD runs keep their form) and stored rows of older versions stay readable
 register_option("optimizer", "sgd", _one_of(OPTIMIZERS), doc="sgd | adam | adamw")
+register_option("sampling", "with_replacement", _one_of(SAMPLINGS),
+                doc="minibatches: with_replacement | without_replacement (a uniform random subset)")
 register_option("nesterov", False, doc="sgd: Nesterov momentum")
 register_option("beta1", 0.9, _unit_interval, doc="adam/adamw: first-moment decay")
 register_option("beta2", 0.999, _unit_interval, doc="adam/adamw: second-moment decay")

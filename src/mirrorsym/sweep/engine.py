@@ -169,7 +169,7 @@ def _to_device(data, device, dtype):
 def program_key(config: Mapping) -> tuple:
     """What must be equal for configs to share a chunk (one traced step): everything else is per copy."""
     return (config["batch_size"], config["steps"], config["optimizer"], config["nesterov"],
-            config["clip_grad_norm"] > 0)
+            config["clip_grad_norm"] > 0, config["sampling"])
 
 
 # ----------------------------------------------------------------------------- host-side schedules
@@ -198,8 +198,8 @@ class _Chunk:
         self.problem, self.configs, self.device = problem, list(configs), device
         keys = {program_key(c) for c in configs}
         if len(keys) != 1:
-            raise ValueError("train_chunk needs one batch_size, steps, optimizer, nesterov and clipping on/off per "
-                             "chunk (group the configs with plan_chunks first)")
+            raise ValueError("train_chunk needs one batch_size, steps, optimizer, nesterov, clipping on/off and "
+                             "sampling per chunk (group the configs with plan_chunks first)")
         modules = [build_copy(problem, c) for c in configs]
         check_trainable(modules[0])
         _check_same_structure(modules, configs)
@@ -218,6 +218,7 @@ class _Chunk:
         self.data = _to_device(problem.data, device, self.dtype)
         self.eval_data = _to_device(problem.eval_data, device, self.dtype)
         self.full_batch = self.B == problem.n
+        self.replace = c0["sampling"] == "with_replacement"
         self.seeds = _per_copy(configs, "seed", torch.long, device)
         self.streams = rng.Streams(self.seeds)
         self.use_noise = any(c["noise"] > 0 for c in configs)
@@ -568,7 +569,7 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
             record(carry)
         for start, stop in blocks:
             count = stop - start
-            block = (None if chunk.full_batch else chunk.streams.batch_indices_block(start, count, n, B),
+            block = (None if chunk.full_batch else chunk.streams.batch_indices_block(start, count, n, B, chunk.replace),
                      chunk.schedule_block(start, count), chunk.noise_block(start, count))
             if program is None:
                 example = (*carry, *inputs(block, 0))

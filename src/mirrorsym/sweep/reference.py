@@ -81,7 +81,8 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
     record()
     n, B = problem.n, config["batch_size"]
     for t in range(config["steps"]):
-        idx = rng.batch_indices(config["seed"], t, n, B, device=device)
+        idx = rng.batch_indices(config["seed"], t, n, B, device=device,
+                                replace=config["sampling"] == "with_replacement")
         batch = tuple(gather_rows(d, idx) for d in data)
         loss = problem.criterion(model(batch[0]), *batch[1:])
         opt.zero_grad(set_to_none=False)

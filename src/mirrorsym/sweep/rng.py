@@ -113,9 +113,11 @@ def words(k, count: int, device=None) -> torch.Tensor:
     return mix(k.unsqueeze(-1) ^ _mixed_counter(count, k.device))
 
 
-def _indices(h, step: int, n: int, batch_size: int, batch: tuple, device) -> torch.Tensor:
+def _indices(h, step: int, n: int, batch_size: int, batch: tuple, device, replace: bool = True) -> torch.Tensor:
     if batch_size == n:
         return torch.arange(n, device=device).expand(*batch, n)
+    if not replace:  # the B samples with the smallest of n distinct words: a uniform random B-subset
+        return words(step_key(h, step), n, device).argsort(dim=-1)[..., :batch_size]
     return words(step_key(h, step), batch_size, device) % n
 
 
@@ -128,13 +130,15 @@ def _normals(h, step: int, stream: int, shape, dtype, batch: tuple, device) -> t
     return z.reshape(*batch, *shape).to(dtype)
 
 
-def batch_indices(seed, step: int, n: int, batch_size: int, device=None) -> torch.Tensor:
+def batch_indices(seed, step: int, n: int, batch_size: int, device=None, replace: bool = True) -> torch.Tensor:
     """The minibatch of ``seed`` at optimisation step ``step`` (0-based): indices into dim 0 of the data.
 
     ``seed`` an int gives shape (batch_size,); a (K,) tensor gives (K, batch_size). Sampling is uniform
-    with replacement, ``h_j mod n`` (module docstring); ``batch_size == n`` is full-batch GD (0..n-1).
+    with replacement, ``h_j mod n`` (module docstring); ``replace=False``: the indices of the
+    ``batch_size`` smallest of the n words h_0..h_{n−1} (distinct, so a uniform random subset, in
+    increasing order of their words); ``batch_size == n`` is full-batch GD (0..n-1).
     """
-    return Streams(seed, device).batch_indices(step, n, batch_size)
+    return Streams(seed, device).batch_indices(step, n, batch_size, replace)
 
 
 def gaussian(seed, purpose: int, step: int, stream: int, shape, dtype=torch.float32,
@@ -188,8 +192,8 @@ class Streams:
             self._keys[purpose] = seed_key(self.seed, purpose, self.device)
         return self._keys[purpose]
 
-    def batch_indices(self, step: int, n: int, batch_size: int) -> torch.Tensor:
-        return _indices(self._key(INDICES), step, n, batch_size, self.batch, self.device)
+    def batch_indices(self, step: int, n: int, batch_size: int, replace: bool = True) -> torch.Tensor:
+        return _indices(self._key(INDICES), step, n, batch_size, self.batch, self.device, replace)
 
     def gaussian(self, purpose: int, step: int, stream: int, shape, dtype=torch.float32) -> torch.Tensor:
         return _normals(self._key(purpose), step, stream, tuple(shape), dtype, self.batch, self.device)
@@ -200,12 +204,16 @@ class Streams:
             return np.asarray(key, dtype=np.uint32)
         return key.cpu().numpy().astype(np.uint32)
 
-    def batch_indices_block(self, step0: int, count: int, n: int, batch_size: int) -> torch.Tensor:
-        """``torch.stack([batch_indices(t, n, B) for t in range(step0, step0 + count)])``: shape
+    def batch_indices_block(self, step0: int, count: int, n: int, batch_size: int,
+                            replace: bool = True) -> torch.Tensor:
+        """``torch.stack([batch_indices(t, n, B, replace) for t in range(step0, step0 + count)])``: shape
         ``(count, *batch, batch_size)``, int64, on this stream's device; drawn on the host in one go."""
         if batch_size == n:
             return torch.arange(n, device=self.device).expand(count, *self.batch, n)
         keys = _step_keys_np(self._key_np(INDICES), step0, count, 0)
+        if not replace:
+            order = np.argsort(_words_np(keys, n), axis=-1, kind="stable")[..., :batch_size]
+            return torch.from_numpy(order.astype(np.int64)).to(self.device)
         idx = _words_np(keys, batch_size)
         idx %= np.uint32(n)
         return torch.from_numpy(idx.astype(np.int64)).to(self.device)

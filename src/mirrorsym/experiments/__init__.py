@@ -13,6 +13,7 @@ MODULES = [
     "sparsity",
     "lowrank",
     "permutation",
+    "stochastic_collapse",
     "noise",
     "transformer",
     "dcs",

@@ -1,25 +1,43 @@
-"""Permutation symmetry ⇒ homogeneous ensembling (the paper's Fig. 1, right), on scikit-learn's digits.
+"""Permutation symmetry ⇒ identical or dead units under weight decay (the paper's Fig. 1, right), on
+scikit-learn's 8×8 digits; symmetry removal as the control.
 
 Swapping two channels of a layer (incoming filters, bias, outgoing weights) is a mirror whose surface is
-"the two channels are identical"; weight decay makes such surfaces (and the dead-unit surface, where all
-dead channels coincide at zero) attractive. A small ReLU CNN is trained on the 8×8 digits three ways
-with the same seed: no weight decay, weight decay, and weight decay towards a fixed random offset θ₀
-(``ms.remove_symmetries``: the control the paper lacked — same decay, no symmetric surface through the
-minimiser). ``ms.find_symmetries`` finds the permutation groups and ``ms.diagnose`` counts the distinct
-channels per layer (clusters of identical living channels, relative tolerance ``duplicate_tol``; dead
-below ``dead_tol`` of the layer's largest channel); the
-figures show the channel correlation matrices ordered by cluster.
+"the two channels are identical" (docs/theory.md#permutation); ReLU's positive rescaling adds the surfaces
+"this channel is zero" (dead). Weight decay γ‖θ‖² (torch coupled λ = 2γ) makes such surfaces attractive. A
+small ReLU CNN is trained with SGD + momentum on the sweep engine (``ctx.sweep``: the CNN has no BatchNorm
+or dropout), ``seeds`` seeds per method: no decay ("plain"), decay ("decay"), and decay towards a fixed
+random offset θ₀ with ``ms.remove_symmetries(model, sigma=σ₀)`` (syre, docs/theory.md#syre: φ = θ₀ + ψ, the
+optimizer's decay acts on ψ, so it pulls φ towards θ₀). The control is syre at the library default
+σ₀ = 0.01 (× each tensor's init scale); a sweep over σ₀ ∈ ``syre_sigmas`` shows how the result depends on it.
+
+Counting (per run; dead and duplicated are reported separately, never summed into one claim):
+
+* on θ (the trained weights φ = θ₀ + ψ for syre): ``ms.diagnose`` per permutation group (dead ≤ 1e-3 of the
+  layer's largest channel, duplicated = living channels within 5 % relative distance of another, on
+  rescale-balanced canonical units: its documented defaults);
+* on the learned part ψ = φ − θ₀ (syre only): the same diagnose on a copy of the CNN holding ψ. A channel
+  dead on ψ *sits on θ₀*: the decay put it exactly where the offset is, the syre analogue of a dead unit
+  (a tiny θ₀ passes the θ count without changing the fact);
+* functionally, on the ReLU outputs over the whole data set: dead = never above 1e-3 of the layer's
+  largest activation; duplicated = two living channels whose activation maps, each scaled to unit norm
+  (ReLU is positively homogeneous), are within 5 % relative distance (``count_units``).
+
+Each run's final parameters come back from the sweep engine as one scalar metric per parameter entry
+(the engine returns scalar metrics only). Every finding has one value per seed and a rule fixed here.
 
 With ``--full --data-dir DIR`` and CIFAR-10 in ``DIR/cifar-10-batches-py/`` (torchvision's layout), the
-same three methods also train a CIFAR-style ResNet-18 (:class:`ResNet18`, BatchNorm, random crop and flip,
-SGD with momentum and a cosine schedule); its dead and duplicated channels per permutation group are
-counted the same way (model in eval mode, on ``resnet_probe`` training images) and compared in a bar
-chart. Without CIFAR-10 on disk that part is skipped; the digits part is unchanged.
+same three methods (syre at the default σ₀) also train a CIFAR-style ResNet-18 (:class:`ResNet18`,
+BatchNorm, random crop and flip, SGD with momentum and a cosine schedule), ``resnet_seeds`` seeds each, in
+a plain loop: train-mode BatchNorm updates running statistics in place, which the sweep engine refuses.
+Its dead and duplicated channels per permutation group are counted on θ the same way (model in eval mode,
+on ``resnet_probe`` training images). Without CIFAR-10 on disk that part is skipped.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,25 +49,49 @@ from .data import cifar10, digit_images, has_cifar10
 from .plotting import figure, save
 
 NAME = "permutation"
-TITLE = "Permutation symmetry ⇒ identical units under weight decay; symmetry removal prevents it"
+TITLE = "Permutation symmetry ⇒ dead / identical units under weight decay; symmetry removal as the control"
 
 METHODS = ("plain", "decay", "decay+syre")
+DEFAULT_SIGMA = 0.01  # ms.remove_symmetries' default σ₀ (× init scale): the control
+
+# ------------------------------------------------------------------ parameters out of the sweep engine
+def _entry(name: str, index: int):
+    # a lambda: the sweep's fingerprint describes it by its bytecode and closure, without reading source
+    # files (a class instance per entry would cost one inspect.getsource each)
+    return lambda params, data: params[name].reshape(-1)[index]
+
+
+def entry_metrics(model: nn.Module) -> dict:
+    """``{"p:<name>:<i>": metric}`` for every entry of every trainable parameter of ``model``: the sweep
+    engine returns scalar metrics only, so a run's final parameters come back as one metric per entry."""
+    return {f"p:{n}:{i}": _entry(n, i) for n, p in model.named_parameters() for i in range(p.numel())}
+
+
+def params_from_row(row, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The final parameters of a sweep row (metrics of :func:`entry_metrics`), shaped like ``model``'s
+    parameters (exact: float32 and float64 values are stored as float64)."""
+    out = {}
+    for n, p in model.named_parameters():
+        vals = [row[f"p:{n}:{i}"] for i in range(p.numel())]
+        out[n] = torch.tensor(vals, dtype=p.dtype).reshape(p.shape)
+    return out
 
 
 @dataclass(frozen=True)
 class Config:
-    channels: tuple[int, int] = (16, 32)
-    epochs: int = 30
+    channels: tuple[int, int] = (4, 8)
+    steps: int = 400  # ≈ 14 epochs of batch 64
     batch: int = 64
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 0.03  # torch coupled λ (= 2γ)
-    syre_sigma: float = 0.5  # σ₀ = 0.5 × init std: the offset is well above the tolerance below
-    duplicate_tol: float = 1e-2  # channels within 1 % (relative) are identical
-    dead_tol: float = 1e-2  # below 1 % of the layer's largest channel: dead
+    weight_decay: float = 0.01  # torch coupled λ (= 2γ)
+    syre_sigmas: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)  # σ₀ / init scale; 0.01 is the control
+    seeds: int = 5
+    probe: int = 8  # example images for ms.diagnose's tracing
+    activation_probe: int = 512  # images whose ReLU outputs give the functional counts
     seed: int = 0
     # ResNet-18 on CIFAR-10 (only with ctx.data_dir holding it): base width, epochs, training images used
-    # (0 = all 50 000), test images scored (0 = all 10 000), probe images for ms.diagnose
+    # (0 = all 50 000), test images scored (0 = all 10 000), probe images for ms.diagnose, seeds
     resnet: bool = False
     resnet_width: int = 64
     resnet_epochs: int = 30
@@ -59,12 +101,14 @@ class Config:
     resnet_train: int = 0
     resnet_test: int = 0
     resnet_probe: int = 64
+    resnet_seeds: int = 5
 
 
 CONFIGS = {
-    "tiny": Config(channels=(8, 16), epochs=15),
+    "tiny": Config(channels=(2, 4), steps=60, syre_sigmas=(0.01, 1.0), activation_probe=128),
     "quick": Config(),
-    "full": Config(channels=(32, 64), epochs=200, resnet=True),
+    "full": Config(channels=(32, 64), steps=6000, seeds=10, syre_sigmas=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+                   resnet=True),
 }
 
 
@@ -77,53 +121,123 @@ def make_cnn(channels: tuple[int, int]) -> nn.Sequential:
     )
 
 
-def train(cfg: Config, method: str, x, y, ctx: Context) -> nn.Module:
-    import mirrorsym as ms
+def cnn_factory(channels: tuple[int, int], sigma: float | None, seed: int) -> nn.Module:
+    """The CNN initialised from ``seed``; with ``sigma``: ``ms.remove_symmetries(model, sigma, seed)``
+    (parameters ψ, offsets θ₀ as buffers)."""
+    from ..constrain import remove_symmetries
 
-    torch.manual_seed(cfg.seed)
-    model = make_cnn(cfg.channels).to(x.device)
-    wd = 0.0 if method == "plain" else cfg.weight_decay
-    removal = ms.remove_symmetries(model, sigma=cfg.syre_sigma, seed=cfg.seed) if method == "decay+syre" else None
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(x)
-    for _ in ctx.track(range(cfg.epochs), f"train {method}"):
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    if removal is not None:
-        removal.remove()  # back to plain parameters, keeping the trained values
+    torch.manual_seed(seed)
+    model = make_cnn(channels)
+    if sigma is not None:
+        remove_symmetries(model, sigma=sigma, seed=seed)
     return model
 
 
-def _diagnose(model, probe, cfg):
+def split_trained(model: nn.Module, channels, sigma) -> tuple[nn.Module, nn.Module | None]:
+    """(plain CNN holding θ = θ₀ + ψ, plain CNN holding ψ, or None without syre) from a trained model."""
+    theta, learned = make_cnn(channels), None
+    if sigma is not None:
+        learned = make_cnn(channels)
+    with torch.no_grad():
+        for name, _ in theta.named_parameters():
+            layer, _, tensor = name.rpartition(".")
+            module = model.get_submodule(layer)
+            theta.get_parameter(name).copy_(getattr(module, tensor))  # a parametrized tensor is θ₀ + ψ
+            if learned is not None:
+                learned.get_parameter(name).copy_(getattr(module.parametrizations, tensor).original)
+    return theta, learned
+
+
+def weight_counts(model: nn.Module, probe: torch.Tensor, smap) -> dict:
+    """ms.diagnose per permutation group: units, dead, duplicated, distinct; the correlation matrices."""
     from ..diagnose import diagnose
 
-    return diagnose(model, probe, dead_tol=cfg.dead_tol, duplicate_tol=cfg.duplicate_tol)
-
-
-def permutation_layers(rep) -> tuple[list[dict], list]:
-    """Per permutation group of a diagnose report: {group, layer, units, dead, distinct}; and the group's
-    cluster-ordered channel correlation matrix."""
+    rep = diagnose(model, probe, symmetries=smap)
     df = rep.to_pandas()
     perm = df[df["kind"] == "permutation"]
-    layers = [{"group": row["group"], "layer": row["layer"], "units": int(row["units"]), "dead": int(row["dead"]),
-               "distinct": int(row["distinct"])} for _, row in perm.iterrows()]
-    corr = [np.asarray(rep.correlations[g]).round(4).tolist() for g in perm["group"] if g in rep.correlations]
-    return layers, corr
+    layers = [{"layer": r["layer"], "units": int(r["units"]), "dead": int(r["dead"]), "distinct": int(r["distinct"]),
+               "duplicated": int(r["units"] - r["dead"] - r["distinct"])} for _, r in perm.iterrows()]
+    corr = [np.asarray(rep.correlations[g]).round(3).tolist() for g in perm["group"] if g in rep.correlations]
+    return {"dead": sum(lay["dead"] for lay in layers), "duplicated": sum(lay["duplicated"] for lay in layers),
+            "units": sum(lay["units"] for lay in layers), "layers": layers, "correlations": corr}
+
+
+def activation_counts(model: nn.Module, x: torch.Tensor) -> dict:
+    """Dead and duplicated channels from the ReLU outputs on ``x`` (module docstring)."""
+    from ..diagnose.metrics import DEAD_TOL, DUPLICATE_TOL, count_units
+
+    acts = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out.detach()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    dead = duplicated = 0
+    for a in acts:
+        A = a.movedim(1, 0).reshape(a.shape[1], -1).double()  # (channels, N·H·W)
+        peak = A.abs().amax(1)
+        alive = peak > DEAD_TOL * peak.max()
+        norms = A.norm(dim=1, keepdim=True)
+        unit = torch.where(alive[:, None], A / norms.clamp_min(1e-300), torch.zeros_like(A))
+        c = count_units(unit, DEAD_TOL, DUPLICATE_TOL)
+        dead, duplicated = dead + int((~alive).sum()), duplicated + c.duplicated
+    return {"dead": dead, "duplicated": duplicated}
+
+
+def sweep_models(cfg: Config, ctx: Context, x, y, sigma: float | None, decays, store: str) -> list[tuple]:
+    """Train ``cnn_factory(channels, sigma, seed)`` with SGD + momentum for every decay in ``decays`` and
+    every seed on the sweep engine; returns (decay, seed, status, trained model) per run."""
+    from ..sweep import Sweep
+
+    template = cnn_factory(cfg.channels, sigma, cfg.seed)
+    grid = {"lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch, "steps": cfg.steps,
+            "weight_decay": list(decays), "seed": [cfg.seed + s for s in range(cfg.seeds)]}
+    sweep = Sweep(partial(cnn_factory, cfg.channels, sigma), F.cross_entropy, (x, y), grid,
+                  metrics=entry_metrics(template), record_every=cfg.steps, name=f"permutation-{store}")
+    out = []
+    for _, row in ctx.sweep(sweep, store=store).iterrows():
+        model = cnn_factory(cfg.channels, sigma, int(row["seed"]))
+        with torch.no_grad():
+            for name, value in params_from_row(row, model).items():
+                model.get_parameter(name).copy_(value)
+        out.append((float(row["weight_decay"]), int(row["seed"]), row["status"], model.to(x.device)))
+    return out
+
+
+def analyse(model: nn.Module, cfg: Config, sigma, seed: int, x, y, smap) -> dict:
+    """Accuracy and the counts on θ, on ψ (syre) and on the activations of a trained model."""
+    theta, learned = split_trained(model, cfg.channels, sigma)
+    with torch.no_grad():
+        acc = float((theta(x).argmax(1) == y).double().mean())
+    out = {"status": "ok", "seed": seed, "accuracy": acc, "theta": weight_counts(theta, x[: cfg.probe], smap),
+           "functional": activation_counts(theta, x[: cfg.activation_probe])}
+    if learned is not None:
+        out["psi"] = weight_counts(learned, x[: cfg.probe], smap)
+        out["psi"].pop("correlations")
+    return out
 
 
 def run(cfg: Config, ctx: Context) -> dict:
+    from ..detect import find_symmetries
 
     x, y = (t.to(ctx.device) for t in digit_images())
-    out = {}
-    for method in METHODS:
-        model = train(cfg, method, x, y, ctx)
-        with torch.no_grad():
-            acc = (model(x).argmax(1) == y).float().mean().item()
-        layers, corr = permutation_layers(_diagnose(model, x[:8], cfg))
-        out[method] = {"accuracy": acc, "layers": layers, "correlations": corr}
+    smap = find_symmetries(make_cnn(cfg.channels).to(ctx.device), x[: cfg.probe])
+    out: dict = {"sigmas": list(cfg.syre_sigmas), "seeds": cfg.seeds, "syre": {}}
+
+    def analysed(runs, sigma):
+        return [analyse(m, cfg, sigma, s - cfg.seed, x, y, smap) if status == "ok" else
+                {"status": status, "seed": s - cfg.seed} for _, s, status, m in runs]
+
+    runs = sweep_models(cfg, ctx, x, y, None, (0.0, cfg.weight_decay), "plain-decay")
+    out["plain"] = analysed([r for r in runs if r[0] == 0.0], None)
+    out["decay"] = analysed([r for r in runs if r[0] != 0.0], None)
+    for sigma in sorted(set(cfg.syre_sigmas) | {DEFAULT_SIGMA}):
+        out["syre"][f"{sigma:g}"] = analysed(sweep_models(cfg, ctx, x, y, sigma, (cfg.weight_decay,),
+                                                          f"syre-{sigma:g}"), sigma)
+    out["decay+syre"] = out["syre"][f"{DEFAULT_SIGMA:g}"]
     if cfg.resnet and has_cifar10(ctx.data_dir):
         out["resnet18"] = run_resnet(cfg, ctx, cifar10(ctx.data_dir, train=True), cifar10(ctx.data_dir, train=False))
     return out
@@ -181,20 +295,20 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[images[:, None, None, None], channels[:, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_resnet(cfg: Config, method: str, x: torch.Tensor, y: torch.Tensor, ctx: Context) -> nn.Module:
+def train_resnet(cfg: Config, method: str, seed: int, x: torch.Tensor, y: torch.Tensor, ctx: Context) -> nn.Module:
     """SGD (momentum ``cfg.momentum``, cosine schedule from ``resnet_lr``) on augmented batches; decay
-    ``resnet_weight_decay`` for "decay" and "decay+syre" (the latter towards a fixed random θ₀)."""
+    ``resnet_weight_decay`` for "decay" and "decay+syre" (the latter towards θ₀ at the default σ₀)."""
     import mirrorsym as ms
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = ResNet18(cfg.resnet_width).to(x.device)
     wd = 0.0 if method == "plain" else cfg.resnet_weight_decay
-    removal = ms.remove_symmetries(model, sigma=cfg.syre_sigma, seed=cfg.seed) if method == "decay+syre" else None
+    removal = ms.remove_symmetries(model, sigma=DEFAULT_SIGMA, seed=seed) if method == "decay+syre" else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.resnet_lr, momentum=cfg.momentum, weight_decay=wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.resnet_epochs, 1))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in ctx.track(range(cfg.resnet_epochs), f"ResNet-18 {method}"):
+    for _ in ctx.track(range(cfg.resnet_epochs), f"ResNet-18 {method} seed {seed}"):
         for idx in torch.randperm(len(x), generator=gen).split(cfg.resnet_batch):
             idx = idx.to(x.device)
             opt.zero_grad()
@@ -214,55 +328,106 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def run_resnet(cfg: Config, ctx: Context, train_set, test_set) -> dict:
     """ResNet-18 on CIFAR-10 (``train_set``/``test_set`` = (X, y) from :func:`~.data.cifar10`) for each
-    method: test accuracy and the dead/distinct channel counts per permutation group (no correlation
-    matrices: 512 × 512 per group is too much to store)."""
-
+    method and seed: test accuracy and dead / duplicated channels (on θ) summed over permutation groups."""
     (x, y), (xt, yt) = train_set, test_set
     x, y = x[: cfg.resnet_train or None].to(ctx.device), y[: cfg.resnet_train or None].to(ctx.device)
     xt, yt = xt[: cfg.resnet_test or None].to(ctx.device), yt[: cfg.resnet_test or None].to(ctx.device)
     probe = x[: cfg.resnet_probe]
-    out = {}
+    out: dict = {m: [] for m in METHODS}
     for method in METHODS:
-        model = train_resnet(cfg, method, x, y, ctx)
-        layers, _ = permutation_layers(_diagnose(model, probe, cfg))
-        out[method] = {"accuracy": accuracy(model, xt, yt), "layers": layers}
+        for s in range(cfg.resnet_seeds):
+            model = train_resnet(cfg, method, cfg.seed + s, x, y, ctx)
+            counts = weight_counts(model, probe, _smap(model, probe))
+            counts.pop("correlations")
+            out[method].append({"seed": s, "accuracy": accuracy(model, xt, yt), "theta": counts})
     return out
 
 
+def _smap(model, probe):
+    from ..detect import find_symmetries
+
+    return find_symmetries(model, probe)
+
+
+# ------------------------------------------------------------------------------------------- analysis
+def per_seed(runs: list[dict], where: str, what: str) -> list[float | None]:
+    """One value per seed: ``runs[i][where][what]`` (None for a diverged run or a missing part)."""
+    return [None if r.get("status", "ok") != "ok" or where not in r else float(r[where][what]) for r in runs]
+
+
+def accuracies(runs: list[dict]) -> list[float | None]:
+    return [r["accuracy"] if r.get("status", "ok") == "ok" else None for r in runs]
+
+
+def _mean(values) -> float:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else math.nan
+
+
+def aligned_pairs(run: dict, threshold: float = 0.9) -> float | None:
+    """Fraction of channel pairs (all layers) whose parameter correlation exceeds ``threshold``."""
+    if run.get("status", "ok") != "ok":
+        return None
+    hits = total = 0
+    for corr in run["theta"]["correlations"]:
+        c = np.asarray(corr, dtype=float)
+        off = c[~np.eye(len(c), dtype=bool)]
+        hits, total = hits + int((off > threshold).sum()), total + off.size
+    return hits / max(total, 1)
+
+
 def plot(results: dict, ctx: Context) -> list:
-    paths = [plot_digits(results, ctx)]
+    paths = [plot_sigma(results, ctx), plot_digits(results, ctx)]
     if "resnet18" in results:
         paths.append(plot_resnet(results["resnet18"], ctx))
     return paths
 
 
-def plot_resnet(res: dict, ctx: Context):
-    """Bars: dead and duplicated channels (units − distinct) per permutation group, per method."""
-    groups = [layer["layer"].split(",")[0].split(" ")[0] for layer in res[METHODS[0]]["layers"]]
-    fig, ax = figure(1, 1, width=max(6.0, 0.45 * len(groups)), height=4.0)
-    pos = np.arange(len(groups))
-    for k, method in enumerate(METHODS):
-        layers = res[method]["layers"]
-        bad = [lay["units"] - lay["distinct"] for lay in layers]
-        ax[0, 0].bar(pos + (k - 1) * 0.27, bad, width=0.27,
-                     label=f"{method} (test acc {res[method]['accuracy']:.3f})")
-    ax[0, 0].set_xticks(pos, groups, rotation=70, fontsize=6)
-    ax[0, 0].set_xlabel("permutation group (first layer)")
-    ax[0, 0].set_ylabel("channels dead or duplicated")
-    ax[0, 0].set_title("ResNet-18 on CIFAR-10: channels on symmetric surfaces")
-    ax[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return save(fig, ctx.out_dir, "permutation_resnet18")
+def plot_sigma(results: dict, ctx: Context):
+    """Dead and duplicated channels (on θ, on ψ, functional) and accuracy against σ₀, means over seeds."""
+    sig = sorted(results["syre"], key=float)
+    s = np.array([float(v) for v in sig])
+    fig, ax = figure(3, width=4.3)
+    for k, what in enumerate(("dead", "duplicated")):
+        a = ax[0, k]
+        for where, style in (("theta", "o-"), ("psi", "s--"), ("functional", "^:")):
+            a.plot(s, [_mean(per_seed(results["syre"][v], where, what)) for v in sig], style,
+                   label=f"syre, on {'θ' if where == 'theta' else 'ψ = θ − θ₀' if where == 'psi' else 'activations'}")
+        for method, color in (("plain", "gray"), ("decay", "k")):
+            a.axhline(_mean(per_seed(results[method], "theta", what)), color=color, lw=1,
+                      label=f"{method} (on θ)")
+        a.axvline(DEFAULT_SIGMA, color="r", ls=":", lw=1, label="default σ₀ = 0.01")
+        a.set_xscale("log")
+        a.set_xlabel("σ₀ / init scale")
+        a.set_ylabel(f"{what} channels (mean over seeds)")
+        a.set_title(f"{what.capitalize()} channels vs the offset scale")
+        a.legend(fontsize=6)
+    ax[0, 2].plot(s, [_mean(accuracies(results["syre"][v])) for v in sig], "o-", label="decay+syre")
+    for method, color in (("plain", "gray"), ("decay", "k")):
+        ax[0, 2].axhline(_mean(accuracies(results[method])), color=color, lw=1, label=method)
+    ax[0, 2].axvline(DEFAULT_SIGMA, color="r", ls=":", lw=1)
+    ax[0, 2].set_xscale("log")
+    ax[0, 2].set_xlabel("σ₀ / init scale")
+    ax[0, 2].set_ylabel("training accuracy (mean over seeds)")
+    ax[0, 2].set_title("Accuracy vs the offset scale")
+    ax[0, 2].legend(fontsize=7)
+    return save(fig, ctx.out_dir, "permutation_sigma")
 
 
 def plot_digits(results: dict, ctx: Context):
-    n_layers = max(len(results[m]["correlations"]) for m in METHODS)
+    """Seed 0's channel correlation matrices (ordered by cluster) for each method."""
+    runs = {m: results[m][0] for m in METHODS}
+    n_layers = max((len(r["theta"]["correlations"]) for r in runs.values() if r.get("status") == "ok"), default=1)
     fig, ax = figure(len(METHODS), max(n_layers, 1), width=3.4, height=3.0)
     for j, method in enumerate(METHODS):
-        for i, corr in enumerate(results[method]["correlations"]):
+        r = runs[method]
+        if r.get("status") != "ok":
+            continue
+        for i, corr in enumerate(r["theta"]["correlations"]):
             im = ax[i, j].imshow(np.asarray(corr, dtype=float), vmin=-1, vmax=1, cmap="RdBu_r")
-            layer = results[method]["layers"][i]
-            ax[i, j].set_title(f"{method}: {layer['layer']}\n{layer['distinct']} distinct / {layer['units']}, "
-                               f"{layer['dead']} dead", fontsize=8)
+            layer = r["theta"]["layers"][i]
+            ax[i, j].set_title(f"{method}: {layer['layer']}\n{layer['dead']} dead, {layer['duplicated']} duplicated "
+                               f"/ {layer['units']}", fontsize=8)
             ax[i, j].set_xlabel("channel (ordered by cluster)")
             ax[i, j].set_ylabel("channel")
             ax[i, j].grid(False)
@@ -271,57 +436,81 @@ def plot_digits(results: dict, ctx: Context):
     return save(fig, ctx.out_dir, "permutation")
 
 
-def collapsed(results: dict, method: str) -> int:
-    """Channels on a symmetric surface: dead ones plus those identical to another (units − distinct: dead
-    channels are never distinct)."""
-    return sum(layer["units"] - layer["distinct"] for layer in results[method]["layers"])
-
-
-def aligned_pairs(results: dict, method: str, threshold: float = 0.9) -> float:
-    """Fraction of channel pairs (all layers) whose parameter correlation exceeds ``threshold``: the
-    block structure of the correlation matrices, a graded measure of nearness to permutation surfaces."""
-    hits = total = 0
-    for corr in results[method]["correlations"]:
-        c = np.asarray(corr, dtype=float)
-        off = c[~np.eye(len(c), dtype=bool)]
-        hits, total = hits + int((off > threshold).sum()), total + off.size
-    return hits / max(total, 1)
+def plot_resnet(res: dict, ctx: Context):
+    """Bars: dead and duplicated channels (on θ, mean over seeds) per method."""
+    fig, ax = figure(1, 1, width=5.0, height=3.6)
+    pos = np.arange(len(METHODS))
+    for k, what in enumerate(("dead", "duplicated")):
+        ax[0, 0].bar(pos + (k - 0.5) * 0.35, [_mean(per_seed(res[m], "theta", what)) for m in METHODS], width=0.35,
+                     label=what)
+    ax[0, 0].set_xticks(pos, [f"{m}\n(acc {_mean(accuracies(res[m])):.3f})" for m in METHODS], fontsize=8)
+    ax[0, 0].set_ylabel("channels (mean over seeds)")
+    ax[0, 0].set_title("ResNet-18 on CIFAR-10: dead and duplicated channels")
+    ax[0, 0].legend(fontsize=8)
+    return save(fig, ctx.out_dir, "permutation_resnet18")
 
 
 def claims(results: dict, cfg: Config) -> list[Claim]:
-    plain, decay, syre = (collapsed(results, m) for m in METHODS)
-    a_plain, a_decay, a_syre = (aligned_pairs(results, m) for m in METHODS)
-    acc_decay, acc_syre = results["decay"]["accuracy"], results["decay+syre"]["accuracy"]
-    out = [
-        finding("weight decay makes block-structured correlations: more channel pairs with correlation > 0.9 "
-                "than without decay and than with symmetries removed",
-                f"> max({a_plain:.3f}, {a_syre:.3f})", a_decay, [a_decay - max(a_plain, a_syre)],
-                statistic="fraction of pairs > 0.9 with decay − the larger of no decay and decay+syre",
-                better="higher", threshold=0.0),
-        finding("without weight decay no channel is dead or duplicated", 0, plain, [plain],
-                statistic="dead + duplicated channels without decay", better="lower", threshold=0.5),
-        finding(f"weight decay (torch λ={cfg.weight_decay}) puts channels on symmetric surfaces (dead/duplicated)",
-                "> 0", decay, [decay], statistic="dead + duplicated channels with decay", better="higher",
-                threshold=0.5),
-        finding("the same decay with symmetries removed leaves no channel dead or duplicated", 0, syre, [syre],
-                statistic="dead + duplicated channels with decay+syre", better="lower", threshold=0.5),
-        finding("symmetry removal costs no training accuracy (within 2 points of plain decay)",
-                f"≥ {acc_decay - 0.02:.3f}", acc_syre, [acc_syre - acc_decay],
-                statistic="training accuracy, decay+syre − decay", better="higher", threshold=-0.02,
-                inclusive=True),
-    ]
+    plain, decay, syre = (results[m] for m in METHODS)
+    big = f"{max(cfg.syre_sigmas):g}"
+    out = []
+
+    def count(runs, where, what, label, text, better, predicted):
+        vals = per_seed(runs, where, what)
+        out.append(finding(text, predicted, vals, vals, statistic=label, better=better, threshold=0.5))
+
+    count(plain, "theta", "dead", "dead channels without decay (ms.diagnose on θ)",
+          "without weight decay no channel is dead", "lower", 0)
+    count(decay, "theta", "dead", "dead channels with decay (ms.diagnose on θ)",
+          f"weight decay (torch λ={cfg.weight_decay}) kills channels: dead channels on θ", "higher", "> 0")
+    count(decay, "theta", "duplicated", "duplicated channels with decay (ms.diagnose on θ)",
+          f"weight decay (torch λ={cfg.weight_decay}) makes channels identical (homogeneous ensembling): "
+          "duplicated living channels on θ", "higher", "> 0")
+    count(decay, "functional", "duplicated", "duplicated channels with decay (activation patterns)",
+          "weight decay makes channels functionally identical: duplicated activation patterns", "higher", "> 0")
+    d = f"default σ₀ = {DEFAULT_SIGMA:g}"
+    count(syre, "theta", "dead", f"dead channels with decay+syre ({d}), ms.diagnose on θ = θ₀ + ψ",
+          f"the control (same decay, symmetries removed, {d}) leaves no channel dead on θ", "lower", 0)
+    count(syre, "psi", "dead", f"dead channels with decay+syre ({d}), ms.diagnose on ψ = θ − θ₀",
+          f"the control ({d}) leaves no channel sitting on θ₀ (dead on the learned part ψ)", "lower", 0)
+    count(syre, "functional", "dead", f"dead channels with decay+syre ({d}), activations",
+          f"the control ({d}) leaves no channel functionally dead (never active on the data)", "lower", 0)
+    count(syre, "theta", "duplicated", f"duplicated channels with decay+syre ({d}), ms.diagnose on θ",
+          f"the control ({d}) leaves no channel duplicated on θ", "lower", 0)
+    acc = [None if a is None or b is None else a - b for a, b in zip(accuracies(syre), accuracies(decay), strict=True)]
+    out.append(finding(f"the control ({d}) costs no training accuracy (within 2 points of plain decay)", "≥ −0.02",
+                       acc, acc, statistic="training accuracy, decay+syre − decay (same seed)", better="higher",
+                       threshold=-0.02, inclusive=True))
+    if big != f"{DEFAULT_SIGMA:g}":
+        count(results["syre"][big], "psi", "dead",
+              f"dead channels on ψ with decay+syre at σ₀ = {big} (not the default)",
+              f"not the default: with a larger offset σ₀ = {big} × init scale no channel sits on θ₀ (dead on ψ)",
+              "lower", 0)
+    a_decay = [aligned_pairs(r) for r in decay]
+    a_other = [None if p is None or s is None else max(p, s) for p, s in
+               zip((aligned_pairs(r) for r in plain), (aligned_pairs(r) for r in syre), strict=True)]
+    diff = [None if a is None or b is None else a - b for a, b in zip(a_decay, a_other, strict=True)]
+    out.append(finding("weight decay makes block-structured parameter correlations: more channel pairs with "
+                       f"correlation > 0.9 than without decay and than the control ({d})", "> 0", diff, diff,
+                       statistic="fraction of pairs > 0.9 with decay − the larger of no decay and decay+syre",
+                       better="higher", threshold=0.0))
     if "resnet18" in results:
         out += resnet_claims(results["resnet18"])
     return out
 
 
 def resnet_claims(res: dict) -> list[Claim]:
-    plain, decay, syre = (collapsed(res, m) for m in METHODS)
-    return [
-        finding("ResNet-18 on CIFAR-10: weight decay puts more channels on symmetric surfaces (dead/duplicated) "
-                "than no decay", f"> {plain}", decay, [decay - plain],
-                statistic="dead + duplicated channels, decay − no decay", better="higher", threshold=0.0),
-        finding("ResNet-18 on CIFAR-10: the same decay with symmetries removed puts fewer channels there",
-                f"< {decay}", syre, [decay - syre],
-                statistic="dead + duplicated channels, decay − decay+syre", better="higher", threshold=0.0),
-    ]
+    plain, decay, syre = (res[m] for m in METHODS)
+    out = []
+    for what in ("dead", "duplicated"):
+        p, dcy, s = (per_seed(r, "theta", what) for r in (plain, decay, syre))
+        more = [None if a is None or b is None else a - b for a, b in zip(dcy, p, strict=True)]
+        fewer = [None if a is None or b is None else a - b for a, b in zip(dcy, s, strict=True)]
+        out.append(finding(f"ResNet-18 on CIFAR-10: weight decay makes more channels {what} than no decay",
+                           "> 0", more, more, statistic=f"{what} channels, decay − no decay (same seed)",
+                           better="higher", threshold=0.0))
+        out.append(finding(f"ResNet-18 on CIFAR-10: the control (default σ₀ = {DEFAULT_SIGMA:g}) makes fewer "
+                           f"channels {what} than the same decay", "> 0", fewer, fewer,
+                           statistic=f"{what} channels, decay − decay+syre (same seed)", better="higher",
+                           threshold=0.0))
+    return out

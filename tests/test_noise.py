@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mirrorsym as ms
+from mirrorsym.experiments import Context
 from mirrorsym.experiments.noise import (
     dead_neuron_problem,
     first_index,
@@ -274,26 +275,40 @@ def test_estimates_are_reproducible_with_a_generator():
 
 
 # ---------------------------------------------------------------------- simulated SGD
-def test_hadamard_collapse_boundary_matches_simulated_sgd():
-    """32 nonlinear SGD runs per lr on a 20-point grid: the first lr where half of them shrink ×10⁶ is
-    within one grid step of the root of Λ = 0."""
+def test_hadamard_collapse_boundary_matches_simulated_sgd(tmp_path):
+    """32 nonlinear SGD runs per lr on a 20-point grid (sweep engine): the first lr where half of them
+    shrink ×10⁶ is within one grid step of the root of Λ = 0."""
     prob = hadamard_problem()
     eta = critical_learning_rate(prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=2)
     lrs = np.geomspace(0.3 * eta.value, 1.2 * eta.upper, 20)
-    sim = simulate_collapse(prob, lrs, 2, 32, 1500, torch.Generator().manual_seed(0))
+    (sim,) = simulate_collapse("hadamard", lrs, [2], 32, 1500, Context(out_dir=tmp_path))
     got, want = measured_index(sim["collapsed"]), first_index(lrs, eta.value)
     assert got is not None and abs(got - want) <= 1, (sim, want)
     assert sim["collapsed"][0] == 0.0  # far below η_c SGD escapes the saddle
 
 
+def test_kicked_model_starts_at_the_stated_distance_and_computes_the_problems_loss():
+    from mirrorsym.experiments.noise import KickedModel, SurfaceDistance, squared_error
+
+    for name, problem in (("hadamard", hadamard_problem()), ("swap", swap_problem())):
+        model = KickedModel(name, 1e-3, seed=4)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        assert float(SurfaceDistance(name)(params, None)) == pytest.approx(1e-3, rel=1e-12)
+        x, y = problem.data
+        assert torch.allclose(squared_error(model(x), y), problem.loss_fn(params, (x, y)), rtol=1e-14, atol=0)
+        onto = problem.mirror.project(params)  # the kick is along O only: θ_∥ is the problem's point
+        base = problem.mirror.project(problem.params)
+        assert all(torch.allclose(onto[k], base[k], atol=1e-15) for k in onto)
+
+
 @pytest.mark.slow
-def test_swap_boundary_at_batch_three_matches_simulated_sgd():
+def test_swap_boundary_at_batch_three_matches_simulated_sgd(tmp_path):
     prob = swap_problem()
     eta = critical_learning_rate(
         prob.loss_fn, prob.params, prob.mirror, prob.data, batch_size=3, gamma=prob.gamma
     )
     lrs = np.geomspace(0.3 * eta.value, 1.2 * eta.upper, 20)
-    sim = simulate_collapse(prob, lrs, 3, 32, 3000, torch.Generator().manual_seed(1))
+    (sim,) = simulate_collapse("swap", lrs, [3], 32, 3000, Context(out_dir=tmp_path), seed=1)
     got, want = measured_index(sim["collapsed"]), first_index(lrs, eta.value)
     assert got is not None and abs(got - want) <= 1, (sim, want)
 

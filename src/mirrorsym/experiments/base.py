@@ -167,12 +167,12 @@ class Context:
     data_dir: Path | None = None
     sweeps: list[dict] = field(default_factory=list)  # what each ``ctx.sweep`` ran (see ``execution``)
 
-    def sweep(self, sweep: Any, store: str = "sweep"):
+    def sweep(self, sweep: Any, store: str = "sweep", chunk_size: int = 128):
         """Run a :class:`mirrorsym.sweep.Sweep` with this context's backend, address and device into
         ``out_dir/<store>`` (resumable) and record what ran; returns its DataFrame. Every grid of an
         experiment goes through here, so ``--device`` and ``--backend ray`` reach it."""
         df = sweep.run(self.out_dir / store, backend=self.backend, address=self.address, device=self.device,
-                       progress=False)
+                       progress=False, chunk_size=chunk_size)
         self.sweeps.append({"store": store, "name": sweep.name, "n_runs": int(len(df))})
         return df
 

@@ -7,7 +7,9 @@ collapses onto S iff the top Lyapunov exponent Λ(η, b) < 0, even at a saddle o
 2|μ|/(μ² + s²). Both are compared with the real, nonlinear minibatch SGD of the full model started at
 distance ``start`` from S along a random mirror direction: a run *collapses* when its distance to S
 shrinks by ``shrink`` (10⁶), *escapes* when it grows by the same factor (or diverges); undecided runs
-after ``max_steps`` count as not collapsed. ``runs`` copies per (lr, b) run at once (vmap over copies).
+after ``max_steps`` count as not collapsed. ``runs`` runs per (lr, b), all on the sweep engine (``ms.sweep``;
+``--device`` and ``--backend ray`` reach them), with minibatches drawn without replacement as the theory
+assumes.
 
 Three surfaces, each at a point θ_∥ that every per-sample gradient (plus decay) leaves exactly fixed, so
 that the linearisation is the whole first-order story:
@@ -32,11 +34,12 @@ formula (where that formula deviates, the figure shows it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from matplotlib.ticker import NullFormatter
-from torch.func import vmap
+from torch import nn
 
 from ..core import Mirror
 from ..theory.noise import MinibatchCurvature, minibatch_curvature
@@ -161,76 +164,92 @@ def swap_problem(seed: int = 2, n: int = 12, gamma: float = 0.3) -> NoiseProblem
 PROBLEMS = {"hadamard": hadamard_problem, "dead_neuron": dead_neuron_problem, "swap": swap_problem}
 
 
-# ---------------------------------------------------------------------- simulation
+# ---------------------------------------------------------------------- simulation (on the sweep engine)
+class KickedModel(nn.Module):
+    """Problem ``name``'s model at θ_∥ + O z₀: θ_∥ its point on the surface, ‖z₀‖ = ``start``, the direction of
+    z₀ uniform on the sphere from ``seed`` (float64). ``forward(x)`` is the model its loss fits."""
+
+    def __init__(self, name: str, start: float, seed: int):
+        super().__init__()
+        problem = PROBLEMS[name]()
+        self.kind = "hadamard" if name == "hadamard" else "tanh"
+        mirror, theta = problem.mirror, problem.mirror.project(problem.params)
+        z0 = torch.randn(mirror.dim(theta), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        kick = mirror.direction(start * z0 / z0.norm(), theta)
+        for key, value in theta.items():
+            self.register_parameter(key, nn.Parameter((value + kick[key]).clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "hadamard":
+            return x @ (self.u * self.w)
+        return torch.tanh(x @ self.w.T + self.b) @ self.a
+
+
+def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean (y − f(x))²: the problems' loss as a criterion of the model's output."""
+    return ((y - out) ** 2).mean()
+
+
+class SurfaceDistance:
+    """Sweep metric: the distance of a run's parameters to the surface of problem ``name``'s mirror."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.mirror = PROBLEMS[name]().mirror
+
+    def __call__(self, params: dict, batch) -> torch.Tensor:
+        return self.mirror.distance(params)
+
+
 def simulate_collapse(
-    problem: NoiseProblem,
+    name: str,
     lrs,
-    batch_size: int,
+    batch_sizes,
     runs: int,
     max_steps: int,
-    generator: torch.Generator,
+    ctx: Context,
+    seed: int = 0,
     start: float = 1e-7,
     shrink: float = 1e6,
     check_every: int = 25,
-) -> dict:
-    """Nonlinear minibatch SGD on L + γ‖θ‖² for ``runs`` copies per lr, all at once.
+) -> list[dict]:
+    """Nonlinear minibatch SGD on L + γ‖θ‖² (coupled torch ``weight_decay = 2γ``) of problem ``name``:
+    ``runs`` runs per (lr, batch size) on the sweep engine (``ctx.sweep``: any device, local or Ray).
 
-    Each copy starts at θ_∥ + O z₀, ‖z₀‖ = ``start``, z₀ in a random direction; minibatches are uniform
-    subsets of ``batch_size`` samples, independent per copy and step. A copy is decided when its distance
-    to the surface falls below start/shrink (collapsed) or rises above start·shrink or is not finite
-    (escaped); decided copies are parked on θ_∥ so that they cost no denormals or NaNs. Returns the
-    fractions collapsed / escaped / undecided per lr and the number of steps run.
-    """
-    mirror, theta = problem.mirror, problem.mirror.project(problem.params)
-    x, y = problem.data
-    n, k, E = len(y), mirror.dim(theta), len(lrs)
-    K = E * runs
-    eye = torch.eye(k, dtype=torch.float64)
-    columns = [mirror.direction(eye[j], theta) for j in range(k)]
-    z0 = torch.randn(K, k, generator=generator, dtype=torch.float64)
-    z0 = start * z0 / z0.norm(dim=1, keepdim=True)
-    P = {
-        name: t.expand(K, *t.shape)
-        + torch.einsum("kj,j...->k...", z0, torch.stack([c[name] for c in columns]))
-        for name, t in theta.items()
-    }
-    lr = torch.tensor(list(lrs), dtype=torch.float64).repeat_interleave(runs)
-    status = torch.zeros(K, dtype=torch.long)  # 0 undecided, −1 collapsed, +1 escaped
-    batched_loss = vmap(problem.loss_fn)
-    t = 0
-    for t in range(1, max_steps + 1):
-        if (t - 1) % check_every == 0:  # draw the minibatches of the next check_every steps at once
-            block = torch.rand(check_every, K, n, generator=generator).topk(batch_size, dim=2).indices
-        idx = block[(t - 1) % check_every]
-        leaves = {name: v.detach().requires_grad_(True) for name, v in P.items()}
-        total = batched_loss(
-            leaves, (x[idx], y[idx])
-        ).sum()  # copies are independent: Σ_K gives each its grad
-        grads = torch.autograd.grad(total, list(leaves.values()))
-        P = {
-            name: v - _per_copy(lr, v) * (gr + 2 * problem.gamma * v)
-            for (name, v), gr in zip(P.items(), grads, strict=True)
-        }
-        if t % check_every == 0:
-            dist = mirror.distance(P, batch_dims=1)
-            open_ = status == 0
-            status[open_ & (dist <= start / shrink)] = -1
-            status[open_ & ((dist >= start * shrink) | ~torch.isfinite(dist))] = 1
-            done = status != 0
-            P = {name: torch.where(_per_copy(done, v), theta[name], v) for name, v in P.items()}
-            if bool(done.all()):
-                break
-    st = status.view(E, runs)
-    return {
-        "collapsed": (st == -1).double().mean(1).tolist(),
-        "escaped": (st == 1).double().mean(1).tolist(),
-        "undecided": (st == 0).double().mean(1).tolist(),
-        "steps": t,
-    }
+    Run r starts at θ_∥ + O z₀ (:class:`KickedModel`, seed ``seed + r``); minibatches are uniform random
+    subsets of ``batch_size`` samples (``sampling="without_replacement"``, the theory's model), independent
+    per run and step. The distance to the surface is recorded every ``check_every`` steps; a run
+    *collapsed* when it first falls below start/shrink, *escaped* when it first rises above start·shrink
+    or is not finite (a diverged run), whichever comes first; otherwise undecided. Returns per batch size
+    the fractions collapsed / escaped / undecided per lr."""
+    from ..sweep import Sweep
+
+    gamma = PROBLEMS[name]().gamma
+    grid = [{"lr": float(lr), "batch_size": b, "steps": max_steps, "weight_decay": 2 * gamma, "seed": seed + r,
+             "sampling": "without_replacement"} for b in batch_sizes for lr in lrs for r in range(runs)]
+    problem = PROBLEMS[name]()
+    sweep = Sweep(partial(KickedModel, name, start), squared_error, problem.data, grid,
+                  metrics={"distance": SurfaceDistance(name)}, record_every=check_every, name=f"noise-{name}")
+    df = ctx.sweep(sweep, f"sweep-{name}", chunk_size=len(lrs) * runs)  # tiny models: one chunk per batch size
+    out = []
+    for b in batch_sizes:
+        fractions = {"collapsed": [], "escaped": [], "undecided": []}
+        for lr in lrs:
+            rows = df[(df["batch_size"] == b) & (df["lr"] == float(lr))]
+            states = [_fate(h, start, shrink) for h in rows["history_distance"]]
+            for key in fractions:
+                fractions[key].append(sum(st == key for st in states) / len(states))
+        out.append({"batch_size": b, **fractions, "steps": max_steps})
+    return out
 
 
-def _per_copy(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
+def _fate(history, start: float, shrink: float) -> str:
+    d = np.asarray(history, dtype=float)
+    low = np.nonzero(d <= start / shrink)[0]
+    high = np.nonzero(~np.isfinite(d) | (d >= start * shrink))[0]
+    if len(low) and (not len(high) or low[0] < high[0]):
+        return "collapsed"
+    return "escaped" if len(high) else "undecided"
 
 
 # ---------------------------------------------------------------------- experiment
@@ -255,11 +274,10 @@ def run_problem(problem: NoiseProblem, cfg: Config, ctx: Context, offset: int) -
     curv = minibatch_curvature(problem.loss_fn, problem.params, problem.mirror, problem.data)
     gamma = problem.gamma
     lrs, preds = lr_grid(curv, cfg, gamma, cfg.seed + offset)
+    sims = simulate_collapse(problem.name, lrs, cfg.batch_sizes, cfg.runs, cfg.max_steps, ctx,
+                             cfg.seed + offset, cfg.start, cfg.shrink)
     rows = []
-    for b, pred in zip(ctx.track(cfg.batch_sizes, f"{problem.name}: batch sizes"), preds, strict=True):
-        sim = simulate_collapse(
-            problem, lrs, b, cfg.runs, cfg.max_steps, ctx.generator(offset + 10 * b), cfg.start, cfg.shrink
-        )
+    for b, pred, sim in zip(cfg.batch_sizes, preds, sims, strict=True):
         curve = curv.lyapunov_curve(
             list(lrs), b, gamma, cfg.num_samples, torch.Generator().manual_seed(cfg.seed + offset)
         )
@@ -273,7 +291,7 @@ def run_problem(problem: NoiseProblem, cfg: Config, ctx: Context, offset: int) -
             "method": curve.method,
             "lambda": curve.values.tolist(),
             "lambda_stderr": curve.stderrs.tolist(),
-            **sim,
+            **{k: v for k, v in sim.items() if k != "batch_size"},
         }
         if curv.commuting:  # Λ by QR on sampled minibatches vs the exact enumeration, around η_c
             row["check"] = _check_against_exact(curv, lrs, pred.value, b, gamma, cfg, offset)

@@ -1,30 +1,45 @@
-"""Rotation symmetry in attention ⇒ low-rank heads under weight decay; symmetry removal keeps the rank.
+"""Rotation symmetry in attention ⇒ dead and low-rank heads under weight decay; symmetry removal as control.
 
 Per head h the attention scores are x W_Q,h W_K,hᵀ xᵀ, unchanged by W_Q,h → W_Q,h Q, W_K,h → W_K,h Q for
-every orthogonal Q (d_head × d_head): the rotation symmetry of docs/theory.md#common-symmetries, whose reflections
-Q = I − 2nnᵀ have the surfaces W_Q,h n = 0, W_K,h n = 0. With decay γ(‖W_Q,h‖² + ‖W_K,h‖²) the minimum
-over the factorisation is 2γ‖W_Q,h W_K,hᵀ‖_* (closed form C), so larger γ should give lower-rank score
-matrices. Decay towards a fixed random offset θ₀ (``ms.remove_symmetries``, docs/theory.md#syre) has no such
-surface through its minimiser, so at the same γ the heads should keep a higher rank.
+every orthogonal Q (d_head × d_head): the rotation symmetry of docs/theory.md#rotation, whose reflections
+Q = I − 2nnᵀ have the surfaces W_Q,h n = 0, W_K,h n = 0. With the penalty γ(‖W_Q,h‖² + ‖W_K,h‖²) (objective
+L + γ‖θ‖², torch coupled ``weight_decay = λ = 2γ``, docs/theory.md#conventions) the minimum over the
+factorisation is 2γ‖W_Q,h W_K,hᵀ‖_* (docs/theory.md#closed-form-c): larger γ should put more of those
+surfaces' directions to zero — lower-rank score matrices, and at the extreme a whole head on W_Q,h = W_K,h = 0
+(a *dead* head). Decay towards a fixed random θ₀ (``ms.remove_symmetries``, docs/theory.md#syre) leaves no
+such surface absorbing.
 
-Task (known structure): *associative recall with paired tokens*. Each sequence holds P (key, value)
-pairs, one position per pair embedded as E_key[k] + E_val[v], and a final query position E_qry[q] with
-q one of the keys; the model must output the value paired with q. One attention layer solves it: the
-query must attend to the pair whose key matches, which needs a bilinear score E_qryᵀ W_Q W_Kᵀ E_key of
-rank up to ``n_keys`` summed over heads, and W_V W_O must read the value. Model: embeddings, one pre-
-activation-free attention block (4 heads, d_model 32, q/k/v/o Linear without bias, residual), linear read-
-out at the query position. Trained with Adam and *coupled* ``weight_decay = λ = 2γ`` (its fixed points are
-the stationary points of L + γ‖θ‖²), all runs from the same initialisation and data.
+Task: *associative recall*. Each sequence holds P (key, value) pairs, one position per pair embedded as
+E_key[k] + E_val[v], and a final query position E_qry[q] with q one of the keys; the target is the value
+paired with q. Model: embeddings, one attention block (4 heads, d_model 32, q/k/v/o Linear without bias, no
+dropout, residual), linear read-out at the query position. One fixed data set; the seed sets the
+initialisation, the minibatch order and θ₀.
 
-Measured: the per-head effective rank exp(H(σ/‖σ‖₁)) (``mirrorsym.diagnose.metrics.effective_rank``) of
-W_Q,h W_K,hᵀ (d_model × d_model, rank ≤ d_head) vs γ, test accuracy, and what ``ms.find_symmetries``
-reports for the model (one rotation group per head on q/k).
+Training runs on the sweep engine (``ctx.sweep``: vmapped copies, grid seeds × γ × optimizer):
+
+* main run: SGD with heavy-ball momentum (rotation-equivariant: the update of a rotated model is the rotated
+  update, so the mirror structure of L + γ‖θ‖² is all that acts), γ over ``gammas``;
+* a separate run with Adam (coupled decay; Adam is *not* rotation-equivariant, its per-coordinate scaling
+  can itself pick directions), γ over ``adam_gammas``;
+* symmetry removal at the library default σ₀ = 0.01 × each tensor's init scale (``remove_symmetries(model,
+  sigma=0.01)``, a parametrisation θ = θ₀ + ψ with the optimizer's decay on ψ) at γ = ``syre_gamma``, THE
+  control; and a σ₀ sweep (``syre_sigmas`` × init scale) at the same γ, labelled as such.
+
+Measured per run, on the *learned part* ψ = θ − θ₀ (ψ = θ for plain decay): per head the singular values of
+S_h = ψ_Q,h ψ_K,hᵀ (d_model × d_model, rank ≤ d_head). A head is **dead** when ‖S_h‖_F ≤ ``dead_floor`` ×
+max_h' ‖S_h'‖_F (it sits on its surface, or on θ₀ under symmetry removal); the effective rank
+exp(H(σ/‖σ‖₁)) is averaged over the **alive** heads only (a dead head is not a low-rank head). Functionally,
+a head is dead when removing its learned q/k part (ψ_Q,h = ψ_K,h = 0: uniform attention for plain decay,
+θ₀'s attention under symmetry removal) changes the test logits (RMS) by ≤ ``dead_floor`` × the largest such
+change. Also: test accuracy, and what ``ms.find_symmetries`` reports for the model (one rotation group per
+head on q/k). Every finding rests on one statistic per seed (``seeds``), its 95 % t-interval deciding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,7 +50,9 @@ from .base import Claim, Context, finding
 from .plotting import figure, save
 
 NAME = "transformer"
-TITLE = "Attention: per-head rank of W_Q W_Kᵀ falls with weight decay; symmetry removal keeps it"
+TITLE = "Attention heads under weight decay (SGD and Adam): dead heads, alive-head rank, symmetry removal"
+
+OFFSET_SEED = 1000  # θ₀ of run seed s is drawn with seed s + OFFSET_SEED
 
 
 @dataclass(frozen=True)
@@ -47,23 +64,30 @@ class Config:
     heads: int = 4
     n_train: int = 4096
     n_test: int = 1024
-    batch: int = 128
-    steps: int = 1500
-    lr: float = 3e-3
-    gammas: tuple[float, ...] = (0.0, 5e-4, 2e-3, 5e-3)  # L + γ‖θ‖²; torch weight_decay = 2γ
-    control_gammas: tuple[float, ...] = (2e-3, 5e-3)  # decay towards a random θ₀ (remove_symmetries)
-    syre_sigma: float = 0.5  # σ₀ in units of each tensor's init std
-    rank_margin: float = 0.75  # claim: mean eff. rank at the largest γ ≤ margin × at the smallest γ
-    min_accuracy: float = 0.9  # the smallest γ must solve the task, or the ranks mean nothing
-    seed: int = 0
+    batch: int = 64
+    steps: int = 600
+    lr: float = 0.05  # SGD
+    momentum: float = 0.9
+    adam_lr: float = 3e-3
+    gammas: tuple[float, ...] = (0.0, 3e-3, 1e-2)  # L + γ‖θ‖²; torch weight_decay = 2γ (SGD)
+    adam_gammas: tuple[float, ...] = (0.0, 1e-2)
+    syre_gamma: float = 1e-2  # γ of the symmetry-removal runs (SGD)
+    syre_sigmas: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)  # σ₀ / each tensor's init scale
+    control_sigma: float = 0.01  # the library default: the control's verdict
+    dead_floor: float = 1e-3  # dead head: ‖S_h‖ ≤ floor × largest head's (and functionally, same floor)
+    rank_margin: float = 0.75  # alive-head eff. rank at the largest γ ≤ margin × at γ = 0
+    min_accuracy: float = 0.9  # γ = 0 must solve the task, or the ranks mean nothing
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    data_seed: int = 0
 
 
 CONFIGS = {
-    "tiny": Config(steps=500, n_train=2048, n_test=512, gammas=(0.0, 5e-3), control_gammas=(5e-3,),
-                   min_accuracy=0.5),
+    "tiny": Config(steps=100, n_train=1024, n_test=128, gammas=(0.0, 1e-2), adam_gammas=(0.0, 1e-2),
+                   syre_sigmas=(0.01,), seeds=(0, 1), min_accuracy=0.5),
     "quick": Config(),
     "full": Config(steps=6000, d_model=64, heads=8, n_keys=16, n_values=16, pairs=8, n_train=32768,
-                   gammas=(0.0, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2), control_gammas=(1e-3, 2e-3, 5e-3, 1e-2)),
+                   gammas=(0.0, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2), adam_gammas=(0.0, 1e-3, 5e-3, 1e-2),
+                   seeds=tuple(range(10))),
 }
 
 
@@ -119,41 +143,124 @@ def make_data(cfg: Config, n: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     return torch.cat([pair_tokens, query_token], dim=1), values.gather(1, which[:, None])[:, 0]
 
 
-def make_model(cfg: Config, device) -> RecallAttention:
-    torch.manual_seed(cfg.seed)  # the same initial weights for every run
-    return RecallAttention(cfg.n_keys, cfg.n_values, cfg.d_model, cfg.heads).to(device)
+def build_model(n_keys: int, n_values: int, d_model: int, heads: int, sigma: float | None,
+                seed: int) -> RecallAttention:
+    """The sweep's model factory: torch's default initialisation from ``seed`` (the global RNG is left as
+    it was); with ``sigma`` (σ₀ / init scale) not None, ``ms.remove_symmetries(model, sigma, seed + 1000)``:
+    θ = θ₀ + ψ, the trained tensors are ψ and the optimizer's decay pulls θ towards θ₀."""
+    from ..constrain.remove import remove_symmetries
 
-
-def train(cfg: Config, gamma: float, control: bool, data, ctx: Context) -> RecallAttention:
-    """Adam with coupled weight_decay = 2γ; with ``control`` the decay pulls towards a random θ₀."""
-    import mirrorsym as ms
-
-    (x, y), _ = data
-    model = make_model(cfg, x.device)
-    removal = ms.remove_symmetries(model, sigma=cfg.syre_sigma, seed=cfg.seed + 1) if control else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=torch_weight_decay(gamma))
-    gen = torch.Generator().manual_seed(cfg.seed + 2)  # the same minibatches for every run
-    label = f"{'syre' if control else 'decay'} γ={gamma:g}"
-    for _ in ctx.track(range(cfg.steps), label):
-        idx = torch.randint(0, len(x), (cfg.batch,), generator=gen).to(x.device)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    if removal is not None:
-        removal.remove()  # back to plain parameters, keeping the trained values
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RecallAttention(n_keys, n_values, d_model, heads)
+    if sigma is not None:
+        remove_symmetries(model, sigma=sigma, seed=seed + OFFSET_SEED)
     return model
 
 
-def measure(model: RecallAttention, test) -> dict:
-    from ..diagnose.metrics import effective_rank, singular_values
+def make_model(cfg: Config, device="cpu", seed: int = 0, sigma: float | None = None) -> RecallAttention:
+    return build_model(cfg.n_keys, cfg.n_values, cfg.d_model, cfg.heads, sigma, seed).to(device)
 
-    x, y = test
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).double().mean()
-    mats = model.score_matrices().double()
-    return {"accuracy": acc,
-            "eff_rank": torch.stack([effective_rank(m) for m in mats]),
-            "svals": torch.stack([singular_values(m)[: model.d_head] for m in mats])}
+
+def learned(params: dict, name: str) -> torch.Tensor:
+    """The trained tensor of ``<module>.weight``: the weight itself, or ψ = θ − θ₀ of a model passed through
+    ``remove_symmetries`` (``<module>.parametrizations.weight.original``)."""
+    if name in params:
+        return params[name]
+    module, _, leaf = name.rpartition(".")
+    return params[f"{module}.parametrizations.{leaf}.original"]
+
+
+def head_products(params: dict, heads: int) -> torch.Tensor:
+    """(heads, d_model, d_model) float64: S_h = ψ_Q,h ψ_K,hᵀ from the learned parts of q and k."""
+    wq, wk = learned(params, "q.weight").double(), learned(params, "k.weight").double()
+    d_head = wq.shape[0] // heads
+    return wq.reshape(heads, d_head, -1).transpose(1, 2) @ wk.reshape(heads, d_head, -1)
+
+
+class HeadSingularValue:
+    """Sweep metric: σ_i(S_h), the i-th largest singular value of head h's learned score matrix (vmappable;
+    a class, so Ray can pickle it)."""
+
+    def __init__(self, heads: int, head: int, index: int):
+        self.heads, self.head, self.index = heads, head, index
+
+    def __call__(self, params: dict, data) -> torch.Tensor:
+        return torch.linalg.svdvals(head_products(params, self.heads)[self.head])[self.index]
+
+
+class HeadEffect:
+    """Sweep metric: RMS change of the test logits when head h's learned q/k part is removed
+    (ψ_Q,h = ψ_K,h = 0, rows h·d_head:(h+1)·d_head)."""
+
+    def __init__(self, heads: int, head: int):
+        self.heads, self.head = heads, head
+
+    def __call__(self, params: dict, data, forward) -> torch.Tensor:
+        ablated = dict(params)
+        for name in ("q.weight", "k.weight"):
+            key = name if name in params else name.replace(".weight", ".parametrizations.weight.original")
+            w = params[key]
+            d_head = w.shape[0] // self.heads
+            keep = torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)
+            keep[self.head * d_head:(self.head + 1) * d_head] = 0
+            ablated[key] = w * keep
+        diff = forward(ablated, data[0]) - forward(params, data[0])
+        return diff.double().pow(2).mean().sqrt()
+
+
+def metrics(cfg: Config) -> dict:
+    d_head = cfg.d_model // cfg.heads
+    out: dict = {"accuracy": "accuracy"}
+    for h in range(cfg.heads):
+        out.update({f"sv_{h}_{i}": HeadSingularValue(cfg.heads, h, i) for i in range(d_head)})
+        out[f"effect_{h}"] = HeadEffect(cfg.heads, h)
+    return out
+
+
+def head_stats(svals, effects, floor: float) -> dict:
+    """From per-head singular values (heads, d_head) and ablation effects (heads,): dead heads by norm
+    (‖S_h‖_F ≤ floor × max), dead heads by function (effect ≤ floor × max), each head's effective rank
+    exp(H(σ/‖σ‖₁)), and the mean effective rank over the alive heads (None when none is alive or the run
+    produced non-finite values)."""
+    sv = np.asarray(svals, dtype=float)
+    eff = np.asarray(effects, dtype=float)
+    if not (np.all(np.isfinite(sv)) and np.all(np.isfinite(eff))):
+        return {"dead": None, "dead_functional": None, "alive_eff_rank": None, "eff_rank": None, "norms": None}
+    norms = np.sqrt((sv**2).sum(1))
+    alive = norms > floor * norms.max() if norms.max() > 0 else np.zeros(len(norms), bool)
+    ranks = []
+    for s in sv:
+        p = s / s.sum() if s.sum() > 0 else s
+        p = p[p > 0]
+        ranks.append(float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0)
+    ranks = np.array(ranks)
+    functional_alive = eff > floor * eff.max() if eff.max() > 0 else np.zeros(len(eff), bool)
+    return {"dead": int((~alive).sum()), "dead_functional": int((~functional_alive).sum()),
+            "alive_eff_rank": float(ranks[alive].mean()) if alive.any() else None,
+            "eff_rank": ranks.tolist(), "norms": norms.tolist()}
+
+
+def _rows(df, cfg: Config) -> list[dict]:
+    d_head = cfg.d_model // cfg.heads
+    out = []
+    for _, r in df.iterrows():
+        sv = [[r[f"sv_{h}_{i}"] for i in range(d_head)] for h in range(cfg.heads)]
+        eff = [r[f"effect_{h}"] for h in range(cfg.heads)]
+        stats = head_stats(sv, eff, cfg.dead_floor)
+        acc = r["accuracy"] if r["status"] == "ok" and np.isfinite(r["accuracy"]) else None
+        out.append({"seed": int(r["seed"]), "gamma": r["weight_decay"] / 2, "optimizer": r["optimizer"],
+                    "status": r["status"], "accuracy": acc, "svals": sv, "effects": eff, **stats})
+    return out
+
+
+def _grid(cfg: Config, optimizer: str, gammas) -> list[dict]:
+    lr = cfg.lr if optimizer == "sgd" else cfg.adam_lr
+    base = {"lr": lr, "batch_size": cfg.batch, "steps": cfg.steps, "seed": list(cfg.seeds),
+            "weight_decay": [torch_weight_decay(g) for g in gammas], "optimizer": optimizer}
+    if optimizer == "sgd":
+        base["momentum"] = cfg.momentum
+    return [base]
 
 
 def detected_heads(model: RecallAttention, example: torch.Tensor) -> dict:
@@ -170,97 +277,164 @@ def detected_heads(model: RecallAttention, example: torch.Tensor) -> dict:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
-    gen = ctx.generator(cfg.seed)
-    data = (make_data(cfg, cfg.n_train, gen), make_data(cfg, cfg.n_test, gen))
-    data = tuple((a.to(ctx.device), b.to(ctx.device)) for a, b in data)
-    models = [train(cfg, g, False, data, ctx) for g in cfg.gammas]
-    decay = [measure(m, data[1]) for m in models]
-    control = [measure(train(cfg, g, True, data, ctx), data[1]) for g in cfg.control_gammas]
-    det = detected_heads(models[0].cpu(), data[1][0][:4].cpu())  # on a trained model
-    return {"gammas": list(cfg.gammas), "control_gammas": list(cfg.control_gammas), "d_head": cfg.d_model // cfg.heads,
-            "n_values": cfg.n_values, "decay": decay, "control": control, "detected": det}
+    from ..sweep import Sweep
+
+    gen = ctx.generator(cfg.data_seed)
+    train, test = make_data(cfg, cfg.n_train, gen), make_data(cfg, cfg.n_test, gen)
+    shape = (cfg.n_keys, cfg.n_values, cfg.d_model, cfg.heads)
+    loss = nn.functional.cross_entropy
+
+    def sweep(sigma, grid, name):
+        s = Sweep(partial(build_model, *shape, sigma), loss, train, grid, metrics=metrics(cfg), eval_data=test,
+                  record_every=10**9, name=f"transformer-{name}")
+        return _rows(ctx.sweep(s, store=f"sweep-{name}"), cfg)
+
+    plain = sweep(None, _grid(cfg, "sgd", cfg.gammas) + _grid(cfg, "adam", cfg.adam_gammas), "plain")
+    syre = {}
+    for sigma in ctx.track(cfg.syre_sigmas, "transformer: σ₀ sweep"):
+        rows = sweep(sigma, _grid(cfg, "sgd", (cfg.syre_gamma,)), f"syre-{sigma:g}")
+        syre[f"{sigma:g}"] = rows
+    det = detected_heads(make_model(cfg), test[0][:4])
+    return {"gammas": list(cfg.gammas), "adam_gammas": list(cfg.adam_gammas), "syre_gamma": cfg.syre_gamma,
+            "syre_sigmas": list(cfg.syre_sigmas), "control_sigma": cfg.control_sigma, "seeds": list(cfg.seeds),
+            "d_head": cfg.d_model // cfg.heads, "heads": cfg.heads, "n_values": cfg.n_values,
+            "dead_floor": cfg.dead_floor, "plain": plain, "syre": syre, "detected": det}
 
 
-def _mean_rank(run: dict) -> float:
-    return float(np.mean(run["eff_rank"]))
+# ------------------------------------------------------------------------------------------ analysis
+def _select(rows: list[dict], optimizer: str, gamma: float) -> dict[int, dict]:
+    return {r["seed"]: r for r in rows if r["optimizer"] == optimizer and math.isclose(r["gamma"], gamma)}
 
 
-def _log_x(gammas, smallest_positive):
-    """γ for a log axis: γ = 0 is drawn at a tenth of the smallest positive γ (labelled)."""
-    return [g if g > 0 else smallest_positive / 10 for g in gammas]
+def _per_seed(rows: dict[int, dict], key: str, seeds) -> list:
+    return [rows[s][key] if s in rows else None for s in seeds]
+
+
+def _diff(a: list, b: list) -> list:
+    return [x - y if x is not None and y is not None else None for x, y in zip(a, b, strict=True)]
+
+
+def _ratio(a: list, b: list) -> list:
+    return [x / y if x is not None and y else None for x, y in zip(a, b, strict=True)]
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _summary(results: dict, optimizer: str, gammas, key: str) -> list:
+    seeds = results["seeds"]
+    return [_mean(_per_seed(_select(results["plain"], optimizer, g), key, seeds)) for g in gammas]
+
+
+def _log_x(values, smallest_positive):
+    """A log axis: 0 is drawn at a tenth of the smallest positive value (labelled)."""
+    return [v if v > 0 else smallest_positive / 10 for v in values]
 
 
 def plot(results: dict, ctx: Context) -> list:
-    g, gc = results["gammas"], results["control_gammas"]
-    pos = min([x for x in g + gc if x > 0], default=1.0)
-    xg, xc = _log_x(g, pos), _log_x(gc, pos)
-    ranks = np.array([r["eff_rank"] for r in results["decay"]])
+    g, ga = results["gammas"], results["adam_gammas"]
+    pos = min([x for x in g + ga if x > 0], default=1.0)
     fig, ax = figure(3)
-    for h in range(ranks.shape[1]):
-        ax[0, 0].plot(xg, ranks[:, h], ".", color="tab:blue", alpha=0.4, label="decay, per head" if h == 0 else None)
-    ax[0, 0].plot(xg, ranks.mean(1), "o-", color="tab:blue", label="decay, mean over heads")
-    if gc:
-        ax[0, 0].plot(xc, [_mean_rank(r) for r in results["control"]], "s--", color="tab:red",
-                      label="decay towards random θ₀ (syre), mean")
-    ax[0, 0].axhline(results["d_head"], color="k", ls=":", lw=0.8, label=f"max rank = d_head = {results['d_head']}")
-    ax[0, 0].set_xscale("log")
-    ax[0, 0].set_xlabel("weight decay γ (leftmost point: γ = 0)")
-    ax[0, 0].set_ylabel("effective rank of W_Q,h W_K,hᵀ")
-    ax[0, 0].set_title("Per-head score-matrix rank vs weight decay")
-    ax[0, 0].legend(fontsize=7)
-    for i, r in enumerate(results["decay"]):
-        sv = np.array(r["svals"])
-        ax[0, 1].semilogy(np.arange(1, sv.shape[1] + 1), np.sort(sv, axis=1)[:, ::-1].mean(0) / sv.max(), "o-",
-                          ms=3, label=f"decay γ={g[i]:g}")
-    for i, r in enumerate(results["control"]):
-        sv = np.array(r["svals"])
-        ax[0, 1].semilogy(np.arange(1, sv.shape[1] + 1), np.sort(sv, axis=1)[:, ::-1].mean(0) / sv.max(), "s--",
-                          ms=3, label=f"syre γ={gc[i]:g}")
-    ax[0, 1].set_xlabel("singular value index i")
-    ax[0, 1].set_ylabel("σ_i(W_Q,h W_K,hᵀ) / σ_max (mean over heads)")
-    ax[0, 1].set_title("Score-matrix spectra")
-    ax[0, 1].legend(fontsize=7)
-    ax[0, 2].plot(xg, [r["accuracy"] for r in results["decay"]], "o-", color="tab:blue", label="decay")
-    if gc:
-        ax[0, 2].plot(xc, [r["accuracy"] for r in results["control"]], "s--", color="tab:red", label="syre")
-    ax[0, 2].axhline(1 / results["n_values"], color="k", ls=":", lw=0.8, label="chance")
+    for opt, gs, style, label in (("sgd", g, "o-", "SGD+momentum"), ("adam", ga, "s--", "Adam")):
+        ax[0, 0].plot(_log_x(gs, pos), _summary(results, opt, gs, "dead"), style, label=f"{label}: by ‖S_h‖")
+        ax[0, 0].plot(_log_x(gs, pos), _summary(results, opt, gs, "dead_functional"), style, alpha=0.5,
+                      label=f"{label}: by effect on the logits")
+        ax[0, 1].plot(_log_x(gs, pos), _summary(results, opt, gs, "alive_eff_rank"), style, label=label)
+    ctrl = results["syre"].get(f"{results['control_sigma']:g}", [])
+    if ctrl:
+        sg = results["syre_gamma"]
+        ax[0, 0].plot([sg], [_mean([r["dead"] for r in ctrl])], "r*", ms=10,
+                      label=f"syre σ₀={results['control_sigma']:g} (ψ)")
+        ax[0, 1].plot([sg], [_mean([r["alive_eff_rank"] for r in ctrl])], "r*", ms=10,
+                      label=f"syre σ₀={results['control_sigma']:g} (ψ)")
+    ax[0, 0].set_ylim(-0.2, results["heads"] + 0.2)
+    ax[0, 0].set_ylabel(f"dead heads (of {results['heads']}), mean over seeds")
+    ax[0, 0].set_title(f"Dead heads (≤ {results['dead_floor']:g} × largest)")
+    ax[0, 1].axhline(results["d_head"], color="k", ls=":", lw=0.8, label=f"d_head = {results['d_head']}")
+    ax[0, 1].set_ylabel("effective rank of S_h, alive heads, mean")
+    ax[0, 1].set_title("Alive-head rank of ψ_Q,h ψ_K,hᵀ")
+    for a in ax[0, :2]:
+        a.set_xscale("log")
+        a.set_xlabel("weight decay γ (leftmost point: γ = 0)")
+        a.legend(fontsize=6)
+    sig = results["syre_sigmas"]
+    rows = [results["syre"][f"{s:g}"] for s in sig]
+    ax[0, 2].plot(sig, [_mean([r["dead"] for r in rs]) for rs in rows], "o-", label="dead heads (ψ norm)")
+    ax[0, 2].plot(sig, [_mean([r["dead_functional"] for r in rs]) for rs in rows], "s--",
+                  label="dead heads (effect)")
+    plain = _select(results["plain"], "sgd", results["syre_gamma"])
+    if plain:
+        ax[0, 2].axhline(_mean([r["dead"] for r in plain.values()]), color="tab:blue", ls=":",
+                         label="plain decay, same γ")
+    ax[0, 2].axvline(results["control_sigma"], color="r", lw=0.8, label="library default σ₀")
     ax[0, 2].set_xscale("log")
-    ax[0, 2].set_ylim(0, 1.02)
-    ax[0, 2].set_xlabel("weight decay γ (leftmost point: γ = 0)")
-    ax[0, 2].set_ylabel("test accuracy (associative recall)")
-    ax[0, 2].set_title("Task still solved")
-    ax[0, 2].legend(fontsize=7, loc="lower right")
+    ax[0, 2].set_xlabel("σ₀ / init scale")
+    ax[0, 2].set_ylabel("dead heads, mean over seeds")
+    acc = ax[0, 2].twinx()
+    acc.plot(sig, [_mean([r["accuracy"] for r in rs]) for rs in rows], "g^-", label="test accuracy")
+    acc.set_ylim(0, 1.05)
+    acc.set_ylabel("test accuracy", color="g")
+    ax[0, 2].set_title(f"Symmetry removal vs σ₀ (SGD, γ={results['syre_gamma']:g})")
+    ax[0, 2].legend(fontsize=6, loc="center left")
     return [save(fig, ctx.out_dir, "transformer")]
 
 
 def claims(results: dict, cfg: Config) -> list[Claim]:
-    decay = results["decay"]
-    low, high = _mean_rank(decay[0]), _mean_rank(decay[-1])
-    g_lo, g_hi = results["gammas"][0], results["gammas"][-1]
-    out = [
-        finding(f"mean per-head eff. rank of W_Q W_Kᵀ at γ={g_hi:g} ≤ {cfg.rank_margin} × that at γ={g_lo:g}",
-                f"≤ {cfg.rank_margin * low:.2f}", round(high, 3), [high / low],
-                statistic=f"mean per-head effective rank at γ={g_hi:g} / at γ={g_lo:g}", better="lower",
-                threshold=cfg.rank_margin, contradict=1.0, inclusive=True),
-        finding(f"the task is solved at γ={g_lo:g} (test accuracy; a precondition of the findings here)",
-                f"≥ {cfg.min_accuracy}", decay[0]["accuracy"], [decay[0]["accuracy"]],
-                statistic=f"test accuracy at γ={g_lo:g}", better="higher", threshold=cfg.min_accuracy,
-                inclusive=True, contradict=None),
-    ]
-    by_gamma = dict(zip(results["gammas"], decay, strict=True))
-    for g, ctrl in zip(results["control_gammas"], results["control"], strict=True):
-        if g in by_gamma:
-            plain, syre = _mean_rank(by_gamma[g]), _mean_rank(ctrl)
-            out.append(finding(f"symmetry removal (σ₀={cfg.syre_sigma}) keeps a higher mean eff. rank at the same "
-                               f"γ={g:g}", f"> {plain:.2f} (plain decay)", round(syre, 3), [syre - plain],
-                               statistic=f"mean per-head effective rank at γ={g:g}, syre − plain decay",
-                               better="higher", threshold=0.0))
+    seeds, floor = results["seeds"], results["dead_floor"]
+    out = []
+    for opt, gammas, label in (("sgd", results["gammas"], "SGD+momentum"), ("adam", results["adam_gammas"], "Adam")):
+        g_lo, g_hi = gammas[0], gammas[-1]
+        lo, hi = _select(results["plain"], opt, g_lo), _select(results["plain"], opt, g_hi)
+        acc = _per_seed(lo, "accuracy", seeds)
+        out.append(finding(f"{label}: the task is solved at γ={g_lo:g} (test accuracy; a precondition of the "
+                           f"{label} findings)", f"≥ {cfg.min_accuracy}", _mean(acc), acc,
+                           statistic=f"test accuracy, {label}, γ={g_lo:g}", better="higher",
+                           threshold=cfg.min_accuracy, inclusive=True, contradict=None))
+        dead = _diff(_per_seed(hi, "dead", seeds), _per_seed(lo, "dead", seeds))
+        out.append(finding(f"{label}: weight decay kills heads — more heads with ‖W_Q,h W_K,hᵀ‖ ≤ {floor:g} × the "
+                           f"largest head's at γ={g_hi:g} than at γ={g_lo:g}", "> 0 more dead heads",
+                           {"dead at high γ": _per_seed(hi, "dead", seeds),
+                            "dead at γ=0": _per_seed(lo, "dead", seeds)}, dead,
+                           statistic=f"dead heads at γ={g_hi:g} − at γ={g_lo:g} ({label})", better="higher",
+                           threshold=0.0))
+        ratio = _ratio(_per_seed(hi, "alive_eff_rank", seeds), _per_seed(lo, "alive_eff_rank", seeds))
+        out.append(finding(f"{label}: the effective rank of the ALIVE heads' W_Q,h W_K,hᵀ falls — mean over alive "
+                           f"heads at γ={g_hi:g} ≤ {cfg.rank_margin} × at γ={g_lo:g}", f"ratio ≤ {cfg.rank_margin}",
+                           {"high γ": _per_seed(hi, "alive_eff_rank", seeds),
+                            "γ=0": _per_seed(lo, "alive_eff_rank", seeds)}, ratio,
+                           statistic=f"alive-head mean eff. rank at γ={g_hi:g} / at γ={g_lo:g} ({label})",
+                           better="lower", threshold=cfg.rank_margin, contradict=1.0, inclusive=True))
+    plain = _select(results["plain"], "sgd", results["syre_gamma"])
+    sg = results["syre_gamma"]
+    for sigma in sorted({results["control_sigma"], max(results["syre_sigmas"])}):
+        rows = {r["seed"]: r for r in results["syre"].get(f"{sigma:g}", [])}
+        if not rows:
+            continue
+        tag = (f"symmetry removal at the library default σ₀={sigma:g} × init (THE control)"
+               if sigma == results["control_sigma"] else
+               f"symmetry removal at a LARGER σ₀={sigma:g} × init ({sigma / results['control_sigma']:g} × the "
+               "library default; not the control)")
+        for key, what in (("dead", "dead heads by the learned part, ‖ψ_Q,h ψ_K,hᵀ‖ ≤ floor × largest"),
+                          ("dead_functional", "dead heads by function, logit change on removing ψ_Q,h, ψ_K,h "
+                                              "≤ floor × largest")):
+            p, s = _per_seed(plain, key, seeds), _per_seed(rows, key, seeds)
+            out.append(finding(f"SGD, γ={sg:g}: {tag} leaves fewer dead heads than plain decay ({what})",
+                               "plain − syre > 0", {"plain": p, "syre": s}, _diff(p, s),
+                               statistic=f"{key} heads, plain decay − syre σ₀={sigma:g}", better="higher",
+                               threshold=0.0))
+        p, s = _per_seed(plain, "alive_eff_rank", seeds), _per_seed(rows, "alive_eff_rank", seeds)
+        out.append(finding(f"SGD, γ={sg:g}: {tag} keeps a higher alive-head effective rank of ψ_Q,h ψ_K,hᵀ than "
+                           "plain decay", "syre − plain > 0", {"plain": p, "syre": s}, _diff(s, p),
+                           statistic=f"alive-head mean eff. rank, syre σ₀={sigma:g} − plain decay",
+                           better="higher", threshold=0.0))
     det = results["detected"]
     heads, d_head = cfg.heads, cfg.d_model // cfg.heads
     expected_rows = sorted(tuple(range(h * d_head, (h + 1) * d_head)) for h in range(heads))
     got_rows = sorted(tuple(r) for r in det["qk_rows"])
     out.append(Claim("find_symmetries reports one rotation group per head on (q, k), of size d_head, on that "
-                     "head's rows", f"{heads} groups of size {d_head}",
+                     "head's rows (initialised model)", f"{heads} groups of size {d_head}",
                      f"{det['qk_rotations']} groups, sizes {det['qk_sizes']}",
                      det["qk_rotations"] == heads and got_rows == expected_rows))
     return out

@@ -25,6 +25,10 @@ Training runs on the sweep engine (``ctx.sweep``: vmapped copies, grid seeds × 
   sigma=0.01)``, a parametrisation θ = θ₀ + ψ with the optimizer's decay on ψ) at γ = ``syre_gamma``, THE
   control; and a σ₀ sweep (``syre_sigmas`` × init scale) at the same γ, labelled as such.
 
+Each σ₀ is a sweep of its own (the model factory receives only the seed, and a plain model and a parametrised
+one cannot share a vmapped chunk); within a σ₀ the copies of seed s share the minibatches of seed s with the
+plain runs, so differences plain − syre are paired per seed.
+
 Measured per run, on the *learned part* ψ = θ − θ₀ (ψ = θ for plain decay): per head the singular values of
 S_h = ψ_Q,h ψ_K,hᵀ (d_model × d_model, rank ≤ d_head). A head is **dead** when ‖S_h‖_F ≤ ``dead_floor`` ×
 max_h' ‖S_h'‖_F (it sits on its surface, or on θ₀ under symmetry removal); the effective rank

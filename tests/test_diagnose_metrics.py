@@ -243,3 +243,25 @@ def test_posterior_collapse_kl_and_active_units():
     assert kl[1].item() == pytest.approx(expected1.item(), rel=1e-12)
     assert M.active_latents(mu).tolist() == [False, True, False]
     np.testing.assert_array_equal(M.active_latents(mu, threshold=1e-3).numpy(), mu.numpy().var(0) > 1e-3)
+
+
+@pytest.mark.parametrize("activation,duplicates", [(torch.nn.Tanh, False), (torch.nn.ReLU, True)])
+def test_canonical_units_quotient_only_the_groups_own_action(activation, duplicates):
+    """Unit 1 = unit 0 with incoming weights × 2 and outgoing × ½: the same function for ReLU (a rescale is
+    a symmetry), a different one for tanh (only sign flips are), so only ReLU makes them duplicates."""
+    import mirrorsym as ms
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), activation(), torch.nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[0].weight[1], net[0].bias[1] = 2 * net[0].weight[0], 2 * net[0].bias[0]
+        net[2].weight[:, 1] = net[2].weight[:, 0] / 2
+    x = torch.randn(64, 3, dtype=torch.float64)
+    h = activation()(net[0](x))
+    with torch.no_grad():
+        same_function = torch.allclose(h[:, 1:2] * net[2].weight[:, 1], h[:, 0:1] * net[2].weight[:, 0])
+    assert same_function == duplicates  # the premise, checked on activations
+    kind = "rescale" if duplicates else "sign_flip"
+    (group,) = ms.find_symmetries(net, x[:4]).by_kind(kind)
+    units = group.canonical_units(net)
+    assert torch.allclose(units[0], units[1], atol=1e-12) == duplicates

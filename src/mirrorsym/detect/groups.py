@@ -306,17 +306,24 @@ class _Diagonal(SymmetryGroup):
     def has_sign_flips(self) -> bool:
         return True
 
+    @property
+    def has_rescale(self) -> bool:
+        """Whether the group's elements include positive rescalings d > 0 (all but SignFlip)."""
+        return True
+
     def distance(self, model: nn.Module) -> float:
         """min over units of ‖θ_u‖: the distance to the nearest dead-unit surface."""
         return float(self.unit_matrix(model).norm(dim=1).min())
 
     def canonical_units(self, model: nn.Module) -> torch.Tensor:
-        """[sources · c_u, sinks / c_u] with c_u > 0 balancing ‖sources‖ = ‖sinks‖ (the orbit point of
-        least norm under positive rescaling), then, for groups with sign flips, the sign that makes the
-        largest source coordinate positive. A unit with an all-zero side is all zero: it is dead."""
+        """For groups with positive rescalings (Rescale, Scale, BNScale): [sources · c_u, sinks / c_u] with
+        c_u > 0 balancing ‖sources‖ = ‖sinks‖ (the orbit point of least norm under positive rescaling; a
+        unit with an all-zero side is then all zero: it is dead). Then, for groups with sign flips, the
+        sign that makes the largest source coordinate positive. A SignFlip group (tanh) has no rescaling:
+        (w, b, v) and (2w, 2b, v/2) compute different functions and stay different here."""
         src, snk = self._role_blocks(model)
         a, b = src.norm(dim=1, keepdim=True), snk.norm(dim=1, keepdim=True)
-        if src.shape[1] and snk.shape[1]:
+        if self.has_rescale and src.shape[1] and snk.shape[1]:
             alive = (a > 0) & (b > 0)
             c = torch.where(alive, torch.sqrt(b / torch.where(alive, a, 1.0)), 0.0)
             src, snk = src * c, snk * torch.where(alive, 1.0 / torch.where(alive, c, 1.0), 0.0)
@@ -333,6 +340,10 @@ class SignFlip(_Diagonal):
     the dead unit θ_u = 0)."""
 
     kind: ClassVar[str] = "sign_flip"
+
+    @property
+    def has_rescale(self) -> bool:
+        return False
 
     def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Signs with at least one −1."""

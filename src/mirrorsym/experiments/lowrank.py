@@ -209,8 +209,9 @@ def plot(results: dict, ctx: Context) -> list:
     lrs = results["sgd_lrs"]
     for row in results["noise"]:
         r = np.array([[np.nan if v is None else v for v in per_lr] for per_lr in row["ranks"]], dtype=float)
-        ax[0, 2].errorbar(lrs, np.nanmean(r, 1), yerr=np.nanstd(r, 1), fmt="o-", capsize=2,
-                          label=f"SGD batch {row['batch']}")
+        ok = ~np.isnan(r).all(1)  # lrs at which some seed stayed finite
+        ax[0, 2].errorbar(np.asarray(lrs)[ok], np.nanmean(r[ok], 1), yerr=np.nanstd(r[ok], 1), fmt="o-",
+                          capsize=2, label=f"SGD batch {row['batch']}")
     ax[0, 2].set_xlabel("learning rate η")
     ax[0, 2].set_ylabel(f"rank of the learned map (mean ± sd, {len(results['seeds'])} seeds)")
     ax[0, 2].set_title("Gradient noise lowers the rank (fixed γ)")

@@ -540,3 +540,31 @@ def test_untraceable_or_uncompilable_steps_fall_back_with_a_warning(tmp_path, mo
     with pytest.warns(UserWarning, match="could not trace the training step.*running it eagerly"):
         eager = make_sweep(grid, record_every=10).run(tmp_path / "eager", progress=False)
     assert_same_rows(eager, reference, exact=False)
+
+
+def test_keep_params_stores_each_runs_trained_parameters(tmp_path):
+    """The final parameters of every run equal the plain torch loop's, survive the store (a resumed
+    run reads them back) and are refused with a clear error when not kept."""
+    grid = {"lr": [0.05, 0.2], "momentum": 0.9, "weight_decay": 0.01, "seed": [0, 3], "batch_size": 8, "steps": 12}
+    sweep = make_sweep(grid, keep_params=True)
+    df = sweep.run(tmp_path, chunk_size=16, progress=False, device="cpu")
+    for config, (_, row) in zip(sweep.configs, df.iterrows(), strict=True):
+        model = tanh_mlp(config["seed"])
+        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=0.01)
+        X, Y = make_data()
+        for t in range(12):
+            idx = rng.batch_indices(config["seed"], t, N, 8)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X[idx]), Y[idx]).backward()
+            opt.step()
+        got = ms.sweep.final_params(row)
+        assert list(got) == [n for n, _ in model.named_parameters()]
+        for name, p in model.named_parameters():
+            assert got[name].dtype == p.dtype and got[name].shape == p.shape
+            torch.testing.assert_close(got[name], p.detach(), rtol=0, atol=1e-10)
+    again = ms.sweep.load_results(tmp_path)
+    assert all(torch.equal(ms.sweep.final_params(a)["0.weight"], ms.sweep.final_params(b)["0.weight"])
+               for (_, a), (_, b) in zip(again.iterrows(), df.sort_values("run_id").iterrows(), strict=True))
+    plain = make_sweep(grid).run(tmp_path / "plain", chunk_size=16, progress=False, device="cpu")
+    with pytest.raises(KeyError, match="keep_params=True"):
+        ms.sweep.final_params(plain.iloc[0])

@@ -41,6 +41,7 @@ fewer than ``TRACE_MIN_STEPS`` steps always do (tracing would cost more than it 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -88,6 +89,7 @@ class Problem:
     record_every: int
     name: str
     compile_step: bool = False  # torch.compile the traced step (see train_chunk)
+    keep_params: bool = False  # rows carry each run's final parameters (column final_params, JSON)
 
     @property
     def n(self) -> int:
@@ -631,5 +633,30 @@ def _rows(problem, configs, chunk: _Chunk, marks, history) -> list[dict]:
         row["history_step"] = list(marks)
         for name, h in stacked.items():
             row[f"history_{name}"] = h[k].tolist()
+        if problem.keep_params:
+            row["final_params"] = encode_params({n: t[k] for n, t in chunk.params.items()})
         rows.append(row)
     return rows
+
+
+def encode_params(params: Mapping[str, torch.Tensor]) -> str:
+    """One run's parameters as JSON text ``{name: {"dtype", "shape", "values"}}``: exact for float64 and
+    float32 (Python floats are doubles), readable by :func:`decode_params`."""
+    return json.dumps({n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                           "values": t.detach().double().cpu().reshape(-1).tolist()} for n, t in params.items()})
+
+
+def final_params(row: Mapping) -> dict[str, torch.Tensor]:
+    """The trained parameters of one result row (a DataFrame row or dict) of a sweep run with
+    ``keep_params=True``, by their ``named_parameters`` names, in their original dtype."""
+    text = row.get("final_params") if hasattr(row, "get") else None
+    if not isinstance(text, str):
+        raise KeyError("this row has no final_params: run the Sweep with keep_params=True to keep each run's "
+                       "trained parameters")
+    return decode_params(text)
+
+
+def decode_params(text: str) -> dict[str, torch.Tensor]:
+    """The ``final_params`` of a row (see :func:`encode_params`) as tensors of their original dtype."""
+    return {n: torch.tensor(v["values"], dtype=torch.float64).reshape(v["shape"]).to(getattr(torch, v["dtype"]))
+            for n, v in json.loads(text).items()}

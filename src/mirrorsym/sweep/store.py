@@ -510,6 +510,8 @@ class ResultStore:
             raise DamagedFile(f"it is not readable Parquet ({exc})") from exc
         metrics = (self.meta or {}).get("metrics", [])
         expected = [*BASE_COLUMNS, *metrics, *(f"history_{m}" for m in metrics)]
+        if (self.meta or {}).get("keep_params"):
+            expected.append("final_params")
         missing = [c for c in expected if c not in table.column_names]
         if missing:
             raise DamagedFile(f"it lacks the columns {missing}")

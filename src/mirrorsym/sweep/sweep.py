@@ -354,6 +354,10 @@ class Sweep:
             ``eval_data`` (default: ``data``) at steps 0, r, 2r, … and the last. Default ``{"loss": "loss"}``.
         record_every: r above.
         name: part of every run id; two sweeps with different names never share rows.
+        keep_params: store each run's final parameters (column ``final_params``; read a row's with
+            :func:`mirrorsym.sweep.final_params`), for analyses that need the trained weights (spectra,
+            thresholds at the trained point, features). Off by default: it costs one float per parameter
+            per run on disk.
 
     Everything is validated here, before any work: an empty grid, a non-positive lr or batch size, a
     batch size above the data size, an unknown option or metric raise ``ValueError``/``TypeError``.
@@ -361,7 +365,7 @@ class Sweep:
 
     def __init__(self, model_factory: Callable[[int], nn.Module], criterion: Callable, data, grid,
                  metrics: Mapping[str, Callable | str] | None = None, record_every: int = 100,
-                 eval_data=None, name: str = "sweep"):
+                 eval_data=None, name: str = "sweep", keep_params: bool = False):
         if not callable(model_factory) or not callable(criterion):
             raise TypeError("mirrorsym.sweep: model_factory and criterion must be callables")
         if not isinstance(record_every, int) or record_every < 1:
@@ -381,7 +385,8 @@ class Sweep:
         self._user_metrics = metrics  # as given: what the fingerprint describes
         self._eval_is_data = eval_data is data
         self.problem = Problem(model_factory, criterion, data, eval_data,
-                               {k: _as_metric(k, v, criterion) for k, v in metrics.items()}, record_every, name)
+                               {k: _as_metric(k, v, criterion) for k, v in metrics.items()}, record_every, name,
+                               keep_params=bool(keep_params))
         self._fingerprint: dict | None = None
 
     def __len__(self) -> int:
@@ -440,8 +445,11 @@ class Sweep:
         return f"{self.name}#{fp['id']}"
 
     def _meta(self, fp: Mapping) -> dict:
-        return {"name": self.name, "metrics": sorted(self.problem.metrics),
+        meta = {"name": self.name, "metrics": sorted(self.problem.metrics),
                 "record_every": self.problem.record_every, "fingerprint": dict(fp)}
+        if self.problem.keep_params:  # only when on: stores written without it keep their identity
+            meta["keep_params"] = True
+        return meta
 
     def _trial(self, problem: Problem, device) -> None:
         """One step of the first config (K = 1) so that shape or dtype mistakes fail before any work."""

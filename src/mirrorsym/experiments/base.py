@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,9 @@ def finding(claim: str, predicted: Any, measured: Any, values, *, statistic: str
     only on these arguments, never on the data."""
     if better not in ("higher", "lower"):
         raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
-    if contradict == "threshold":
+    if isinstance(contradict, str):
+        if contradict != "threshold":
+            raise ValueError(f"contradict must be a number, None or 'threshold', got {contradict!r}")
         contradict = threshold
     values = list(values)
     if not values:
@@ -150,6 +152,17 @@ def finding(claim: str, predicted: Any, measured: Any, values, *, statistic: str
             verdict = "contradicted"
     return Claim(claim, predicted, measured, None, kind="finding", verdict=verdict, rule=rule,
                  seeds=len(values), mean=mean, ci95=ci)
+
+
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ terms, added left to right exactly as the built-in ``sum`` would add them, typed as a tensor
+    (``sum`` starts from the int 0, so its type is ``Tensor | int``). Needs at least one term."""
+    total: torch.Tensor | None = None
+    for t in terms:
+        total = t if total is None else total + t
+    if total is None:
+        raise ValueError("tensor_sum: no terms")
+    return total
 
 
 @dataclass
@@ -188,7 +201,7 @@ class Context:
         if self.progress is None:
             yield from items
             return
-        if total is None and hasattr(items, "__len__"):
+        if total is None and isinstance(items, Sized):
             total = len(items)
         task = self.progress.add_task(f"  {description}", total=total)
         try:

@@ -32,6 +32,7 @@ from ..diagnose.metrics import (
     dormant_activations,
     representation_eff_rank,
 )
+from .base import tensor_sum
 
 
 class MLP(nn.Module):
@@ -54,9 +55,16 @@ class MLP(nn.Module):
             acts.append(x)
         return self.head(x), acts
 
+    def linear(self, layer: int) -> nn.Linear:
+        """The nn.Linear of hidden layer ``layer`` (``self.layers[layer]``, typed as such)."""
+        lin = self.layers[layer]
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"MLP: layer {layer} is a {type(lin).__name__}, not an nn.Linear")
+        return lin
+
     def outgoing(self, layer: int) -> nn.Linear:
         """The nn.Linear that reads hidden layer ``layer``."""
-        return self.layers[layer + 1] if layer + 1 < len(self.layers) else self.head
+        return self.linear(layer + 1) if layer + 1 < len(self.layers) else self.head
 
 
 @torch.no_grad()
@@ -70,7 +78,7 @@ def init_linear_(weight: torch.Tensor, bias: torch.Tensor | None, generator: tor
 
 def unit_matrix(model: MLP, layer: int) -> torch.Tensor:
     """Rows [W_l[i, :], b_l[i], W_{l+1}[:, i]] of hidden layer ``layer`` (see module docstring)."""
-    lin, out = model.layers[layer], model.outgoing(layer)
+    lin, out = model.linear(layer), model.outgoing(layer)
     return torch.cat([lin.weight, lin.bias[:, None], out.weight.T], dim=1).detach()
 
 
@@ -86,7 +94,7 @@ def structure_metrics(model: MLP, probe: torch.Tensor) -> dict[str, float]:
         "dormant": float(sum(int(dormant_activations(a).sum()) for a in acts)),
         "distinct": float(sum(distinct_units(unit_matrix(model, l)) for l in range(n_layers))),
         "eff_rank": float(representation_eff_rank(acts[-1])),
-        "weight_norm": float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters()))),
+        "weight_norm": float(torch.sqrt(tensor_sum((p.detach().double() ** 2).sum() for p in model.parameters()))),
     }
 
 
@@ -107,7 +115,7 @@ class ContinualBackprop:
         if not 0 <= rate < 1:
             raise ValueError(f"ContinualBackprop: rate must be in [0, 1), got {rate}")
         self.model, self.rate, self.gen, self.decay, self.maturity = model, rate, generator, decay, maturity
-        widths = [lin.weight.shape[0] for lin in model.layers]
+        widths = [model.linear(l).weight.shape[0] for l in range(len(model.layers))]
         dtype = model.head.weight.dtype
         self.utility = [torch.zeros(w, dtype=dtype) for w in widths]
         self.age = [torch.zeros(w, dtype=torch.int64) for w in widths]
@@ -133,7 +141,7 @@ class ContinualBackprop:
     @torch.no_grad()
     def reinit_units(self, layer: int, idx: torch.Tensor) -> None:
         """Re-initialise units ``idx`` of hidden layer ``layer`` (see the class docstring)."""
-        lin, out = self.model.layers[layer], self.model.outgoing(layer)
+        lin, out = self.model.linear(layer), self.model.outgoing(layer)
         w = torch.empty(len(idx), lin.weight.shape[1], dtype=lin.weight.dtype)
         b = torch.empty(len(idx), dtype=lin.bias.dtype)
         init_linear_(w, None, self.gen)

@@ -162,9 +162,9 @@ def cifar10(root: Path | str, train: bool = True) -> tuple[torch.Tensor, torch.T
         x, y = read_cifar10_batch(_cifar10_path(folder, name))
         xs.append(x)
         ys.append(y)
-    x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+    images = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.from_numpy(np.concatenate(ys))
+    return (images - mean) / std, torch.from_numpy(np.concatenate(ys))
 
 
 def check_cifar10(root: Path | str) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..constrain._checks import parametrization_chain
 from ..constrain.units import merged_members
 from .base import Claim, Context, finding
 from .data import digit_images, digits
@@ -183,8 +184,8 @@ def train_linear_constraint(p: dict, gamma: float, cfg: Config) -> dict:
         opt.step()
     with torch.no_grad():
         s = p["O"].T @ model.weight.reshape(-1)
-        factors = model.parametrizations.weight  # original0 = w, original1 = u, original2 = v
-        uv = factors.original1 * factors.original2
+        factors = parametrization_chain(model, "weight")  # original0 = w, original1 = u, original2 = v
+        uv = factors.get_parameter("original1") * factors.get_parameter("original2")
     return {"s": s, "uv": uv}
 
 
@@ -347,22 +348,27 @@ def run_width(cfg: Config, ctx: Context) -> dict:
     perm = torch.randperm(len(x), generator=ctx.generator(cfg.seed + 20))
     train = (x[perm[: cfg.tw_n_train]].to(ctx.device), y[perm[: cfg.tw_n_train]].to(ctx.device))
     test = (x[perm[cfg.tw_n_train :]].to(ctx.device), y[perm[cfg.tw_n_train :]].to(ctx.device))
-    opt = {"lr": cfg.tw_lr, "momentum": cfg.tw_momentum}
-    dense0 = fit_mlp(make_mlp(cfg, cfg.seed).to(ctx.device), train, cfg.tw_dense_steps, **opt)
-    fresh = [fit_mlp(make_mlp(cfg, cfg.seed + 1 + i).to(ctx.device), train, cfg.tw_dense_steps, **opt)
+    lr, momentum = cfg.tw_lr, cfg.tw_momentum
+    dense0 = fit_mlp(make_mlp(cfg, cfg.seed).to(ctx.device), train, cfg.tw_dense_steps, lr, momentum)
+    fresh = [fit_mlp(make_mlp(cfg, cfg.seed + 1 + i).to(ctx.device), train, cfg.tw_dense_steps, lr, momentum)
              for i in range(cfg.tw_seeds)]
     out = []
     for target in ctx.track(cfg.tw_targets, "target widths"):
         def calibrate(gamma, steps):
-            return fit_mlp(copy.deepcopy(dense0), train, cfg.tw_ramp + steps, gamma=gamma, ramp=cfg.tw_ramp, **opt)
+            return fit_mlp(copy.deepcopy(dense0), train, cfg.tw_ramp + steps, lr, momentum, gamma=gamma,
+                           ramp=cfg.tw_ramp)
 
         s = ms.constrain.suggest_decay(dense0, nn.functional.cross_entropy, train, target, train=calibrate,
-                                       rounds=cfg.tw_rounds, min_steps=0, **opt)
+                                       rounds=cfg.tw_rounds, min_steps=0, lr=lr, momentum=momentum)
         reached, acc = [], []
         for dense in fresh:
-            model = fit_mlp(copy.deepcopy(dense), train, cfg.tw_ramp + s.steps, gamma=s.gamma, ramp=cfg.tw_ramp, **opt)
+            model = fit_mlp(copy.deepcopy(dense), train, cfg.tw_ramp + s.steps, lr, momentum, gamma=s.gamma,
+                            ramp=cfg.tw_ramp)
             small, _ = ms.constrain.export(model, train[0], tol=s.tol)
-            reached.append(small[0].out_features)
+            hidden = small[0] if isinstance(small, nn.Sequential) else None
+            if not isinstance(hidden, nn.Linear):
+                raise TypeError(f"dcs: the exported model does not start with an nn.Linear: {small}")
+            reached.append(hidden.out_features)
             acc.append(float(_accuracy(small, *test)))
         out.append({"target": target, "gamma": s.gamma, "torch_weight_decay": s.torch_weight_decay,
                     "steps": cfg.tw_ramp + s.steps, "first_gamma": s.rounds[0].gamma if s.rounds else s.gamma,

@@ -427,7 +427,7 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
                      f"collapses inside the window and not outside: collapse fraction ≥ 0.9 at the {len(inside)} "
                      f"grid lrs with Λ ≤ −{cfg.dw_margin:g}, ≤ 0.1 at the {len(outside)} with Λ ≥ {cfg.dw_margin:g}",
                      "inside ≥ 0.9, outside ≤ 0.1", {"inside (min)": worst_in, "outside (max)": worst_out},
-                     bool(inside) and bool(outside) and worst_in >= 0.9 and worst_out <= 0.1))
+                     worst_in is not None and worst_out is not None and worst_in >= 0.9 and worst_out <= 0.1))
     second, cont = dw["second_order"], dw["continuous_time"]
     lam_second, lam_cont = float(exact_lyapunov(second)), float(exact_lyapunov(cont))
     out.append(Claim("double well: the second-order estimate 2|μ|/(μ² + s²) is wrong here (off the exact root by "

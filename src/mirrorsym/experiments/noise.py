@@ -42,6 +42,7 @@ from matplotlib.ticker import NullFormatter
 from torch import nn
 
 from ..core import Mirror
+from ..core.loss import LossFn
 from ..theory.noise import MinibatchCurvature, minibatch_curvature
 from .base import Claim, Context
 from .plotting import figure, save
@@ -78,7 +79,7 @@ class NoiseProblem:
     """A loss ``loss_fn(params, (x, y))`` (mean over samples), a point on a mirror's surface, data, γ."""
 
     name: str
-    loss_fn: object
+    loss_fn: LossFn
     params: dict
     mirror: Mirror
     data: tuple
@@ -169,6 +170,12 @@ class KickedModel(nn.Module):
     """Problem ``name``'s model at θ_∥ + O z₀: θ_∥ its point on the surface, ‖z₀‖ = ``start``, the direction of
     z₀ uniform on the sphere from ``seed`` (float64). ``forward(x)`` is the model its loss fits."""
 
+    # the parameters, registered by name in __init__: u, w (hadamard) or w, b, a (the tanh problems)
+    u: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    a: torch.Tensor
+
     def __init__(self, name: str, start: float, seed: int):
         super().__init__()
         problem = PROBLEMS[name]()
@@ -233,7 +240,7 @@ def simulate_collapse(
     df = ctx.sweep(sweep, f"sweep-{name}", chunk_size=len(lrs) * runs)  # tiny models: one chunk per batch size
     out = []
     for b in batch_sizes:
-        fractions = {"collapsed": [], "escaped": [], "undecided": []}
+        fractions: dict[str, list[float]] = {"collapsed": [], "escaped": [], "undecided": []}
         for lr in lrs:
             rows = df[(df["batch_size"] == b) & (df["lr"] == float(lr))]
             states = [_fate(h, start, shrink) for h in rows["history_distance"]]

@@ -215,8 +215,9 @@ def analyse(model: nn.Module, cfg: Config, sigma, seed: int, x, y, smap) -> dict
     out = {"status": "ok", "seed": seed, "accuracy": acc, "theta": weight_counts(theta, x[: cfg.probe], smap),
            "functional": activation_counts(theta, x[: cfg.activation_probe])}
     if learned is not None:
-        out["psi"] = weight_counts(learned, x[: cfg.probe], smap)
-        out["psi"].pop("correlations")
+        psi = weight_counts(learned, x[: cfg.probe], smap)
+        psi.pop("correlations")
+        out["psi"] = psi
     return out
 
 
@@ -238,7 +239,7 @@ def run(cfg: Config, ctx: Context) -> dict:
         out["syre"][f"{sigma:g}"] = analysed(sweep_models(cfg, ctx, x, y, sigma, (cfg.weight_decay,),
                                                           f"syre-{sigma:g}"), sigma)
     out["decay+syre"] = out["syre"][f"{DEFAULT_SIGMA:g}"]
-    if cfg.resnet and has_cifar10(ctx.data_dir):
+    if cfg.resnet and ctx.data_dir is not None and has_cifar10(ctx.data_dir):
         out["resnet18"] = run_resnet(cfg, ctx, cifar10(ctx.data_dir, train=True), cifar10(ctx.data_dir, train=False))
     return out
 

@@ -97,7 +97,7 @@ import torch.nn.functional as F
 
 from ..constrain.remove import l2_init, remove_symmetries, shrink_and_perturb
 from ..core.threads import single_threaded
-from .base import Claim, Context, finding
+from .base import Claim, Context, finding, tensor_sum
 from .continual import MLP, BatchedCBP, BatchedMLP, batched_unit_matrices, spearman, surface_counts
 from .data import digits, has_mnist, mnist
 from .plotting import figure, save
@@ -242,7 +242,10 @@ class Methods:
             shape = (-1,) + (1,) * (p.dim() - 1)
             if self._any_coupled:
                 p.mul_(1 - lr * self.coupled.view(shape))
-            p.add_(p.grad, alpha=-lr)
+            grad = p.grad
+            if grad is None:
+                raise RuntimeError("plasticity: Methods.step needs the gradients of loss.backward()")
+            p.add_(grad, alpha=-lr)
             if self._any_decoupled:
                 p.lerp_(c, lr * self.decoupled.view(shape))
             p.grad = None
@@ -310,7 +313,8 @@ def run_setting(setting: str, cfg: Config, data_dir=None, device: torch.device |
     net, seed_of, S = methods.net, methods.seed_of, cfg.seeds
     K = len(methods.copies)
     order_gens = [torch.Generator().manual_seed(_seed(cfg, s, 5)) for s in range(S)]
-    rows = {m: {k: [[] for _ in range(S)] for k in METRICS} for m in cfg.methods}
+    rows: dict[str, dict[str, list[list[float]]]] = {m: {k: [[] for _ in range(S)] for k in METRICS}
+                                                     for m in cfg.methods}
     rs = torch.arange(S, device=dev)[:, None]
     for t in (track or (lambda it, _d: it))(range(cfg.tasks), f"plasticity: {setting} tasks"):
         Xt, yt, probe = (a.to(dev) for a in tasks.task(t))
@@ -347,19 +351,21 @@ def measure(methods: Methods, Xt: torch.Tensor, yt: torch.Tensor, probe: torch.T
     _, acts = net(probe[seed_of])
     units = sum(a.shape[2] for a in acts)
     active = [(a > 0).double().mean(1) for a in acts]  # (K, H): fraction of probe inputs each unit fires on
-    act_dead = (sum((a == 0).sum(1) for a in active).double() / units).tolist()
-    dormant = (sum((a < 0.01).sum(1) for a in active).double() / units).tolist()
+    act_dead = (tensor_sum((a == 0).sum(1) for a in active).double() / units).tolist()
+    dormant = (tensor_sum((a < 0.01).sum(1) for a in active).double() / units).tolist()
     eff_rank = batched_eff_rank(acts[-1]).tolist()
     theta = [p.detach() for p in net.params()]
     psi = methods.psi()
-    weight_norm = torch.sqrt(sum((p.double() ** 2).flatten(1).sum(1) for p in theta)).tolist()
-    psi_norm = torch.sqrt(sum((p.double() ** 2).flatten(1).sum(1) for p in psi)).tolist()
+    weight_norm = torch.sqrt(tensor_sum((p.double() ** 2).flatten(1).sum(1) for p in theta)).tolist()
+    psi_norm = torch.sqrt(tensor_sum((p.double() ** 2).flatten(1).sum(1) for p in psi)).tolist()
     out = {"final_acc": final, "act_dead": act_dead, "dormant": dormant, "eff_rank": eff_rank,
            "weight_norm": weight_norm, "psi_norm": psi_norm,
            "dead": [round(v * units) for v in act_dead]}
     for name, params in (("theta", theta), ("psi", psi)):
         per_layer = [surface_counts(batched_unit_matrices(params, l)) for l in range(depth)]
-        dead, dup = sum(c[0] for c in per_layer), sum(c[1] for c in per_layer)
+        # int64 counts per copy, summed over the layers
+        dead: np.ndarray = np.sum([c[0] for c in per_layer], axis=0)
+        dup: np.ndarray = np.sum([c[1] for c in per_layer], axis=0)
         out[f"dead_{name}"] = (dead / units).tolist()
         out[f"dup_{name}"] = (dup / units).tolist()
         out[f"surface_{name}"] = ((dead + dup) / units).tolist()

@@ -169,7 +169,7 @@ class SplitDistance:
         return (U[0] - U[1]).norm() / torch.maximum(U[0].norm(), U[1].norm())
 
 
-def functional_counts(model: nn.Module, x: torch.Tensor) -> dict:
+def functional_counts(model: Student, x: torch.Tensor) -> dict:
     """Dead and duplicated units from the tanh activations on ``x`` (see the module docstring)."""
     from ..diagnose.metrics import DEAD_TOL, DUPLICATE_TOL, count_units
 
@@ -285,8 +285,8 @@ def merged_fraction(results: dict, b: int) -> list[float]:
     out = []
     for lr in results["lrs"]:
         flags = [merged(_cell(results, b, lr, s)) for s in range(results["seeds"])]
-        flags = [f for f in flags if f is not None]
-        out.append(float(np.mean(flags)) if flags else math.nan)
+        stable = [f for f in flags if f is not None]
+        out.append(float(np.mean(stable)) if stable else math.nan)
     return out
 
 
@@ -373,7 +373,7 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
                        statistic="duplicated units by activation pattern", better="higher", threshold=0.5))
     if b_max != b_min:
         top = hi * math.sqrt(sorted(cfg.lrs)[-1] / sorted(cfg.lrs)[-2])
-        ratio = []
+        ratio: list[float | None] = []
         for s in seeds:
             small_b, large_b = merge_boundary(results, b_min, s), merge_boundary(results, b_max, s)
             if small_b is None:

@@ -233,12 +233,12 @@ def head_stats(svals, effects, floor: float) -> dict:
         return {"dead": None, "dead_functional": None, "alive_eff_rank": None, "eff_rank": None, "norms": None}
     norms = np.sqrt((sv**2).sum(1))
     alive = norms > floor * norms.max() if norms.max() > 0 else np.zeros(len(norms), bool)
-    ranks = []
+    per_head: list[float] = []
     for s in sv:
         p = s / s.sum() if s.sum() > 0 else s
         p = p[p > 0]
-        ranks.append(float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0)
-    ranks = np.array(ranks)
+        per_head.append(float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0)
+    ranks = np.array(per_head)
     functional_alive = eff > floor * eff.max() if eff.max() > 0 else np.zeros(len(eff), bool)
     return {"dead": int((~alive).sum()), "dead_functional": int((~functional_alive).sum()),
             "alive_eff_rank": float(ranks[alive].mean()) if alive.any() else None,

@@ -24,6 +24,7 @@ reproduced or is contradicted is reported, never a failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -45,6 +46,7 @@ from ..core.threads import single_threaded
 from ..experiments import registry
 from ..experiments.base import Claim, Context, config_key, to_jsonable
 from ..experiments.data import available_datasets
+from ..sweep.backends import ray_session
 from .render import write_report
 
 SIZES = ("tiny", "quick", "full")
@@ -186,7 +188,10 @@ def run_reproduction(names: list[str] | None = None, size: str = "quick", out: P
     sections, all_claims = [], []
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with contextlib.ExitStack() as stack:
+        if backend == "ray":  # one Ray connection for every sweep of every experiment
+            stack.enter_context(ray_session(address))
+        progress = stack.enter_context(Progress(*columns, console=console, transient=False))
         overall = progress.add_task("experiments", total=len(chosen))
         for name in chosen:
             module = reg[name]

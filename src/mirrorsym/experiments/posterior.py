@@ -165,10 +165,11 @@ def run(cfg: Config, ctx: Context) -> dict:
     rows = [{"beta": b, "sigma2": s, "predicted": predicted(cfg.spectrum, cfg.latents, b, s),
              "measured": measure(vae, X, i)} for i, (b, s) in enumerate(grid)]
     surface = {m: surface_run(m, X, cfg) for m in ctx.track(("plain", "l2", "syre"), "posterior: from the surface")}
-    surface["syre_seeds"] = [surface["syre"]] + [surface_run("syre", X, cfg, offset_seed=cfg.seed + 7 + s)
-                                                 for s in range(1, cfg.syre_seeds)]
-    surface["sigma_sweep"] = [{"sigma": s, **surface_run("syre", X, cfg, sigma=s)} for s in cfg.sigma_sweep]
-    return {"spectrum": list(cfg.spectrum), "grid": rows, "surface": surface,
+    syre_seeds = [surface["syre"]] + [surface_run("syre", X, cfg, offset_seed=cfg.seed + 7 + s)
+                                      for s in range(1, cfg.syre_seeds)]
+    sigma_sweep = [{"sigma": s, **surface_run("syre", X, cfg, sigma=s)} for s in cfg.sigma_sweep]
+    return {"spectrum": list(cfg.spectrum), "grid": rows, "surface": surface, "syre_seeds": syre_seeds,
+            "sigma_sweep": sigma_sweep,
             "surface_predicted": predicted(cfg.spectrum, cfg.latents, cfg.surface_beta, cfg.surface_sigma2)}
 
 
@@ -220,7 +221,7 @@ def plot(results: dict, ctx: Context) -> list:
     ax[0, 1].set_ylabel("per-latent statistic (sorted)")
     ax[0, 1].set_title("Per-latent variance and KL (dots: measured)")
     ax[0, 1].legend(fontsize=7)
-    surf = {m: results["surface"][m] for m in ("plain", "l2", "syre")}  # the bars: one run per method
+    surf = results["surface"]
     k = len(surf["plain"]["variance"])
     for j, m in enumerate(surf):
         ax[0, 2].bar(np.arange(k) + 0.27 * (j - 1), surf[m]["variance"], width=0.27, label=m)
@@ -258,9 +259,9 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
               surf["plain"]["active"] == 0 and surf["l2"]["active"] == 0),
         finding(f"started on the collapsed surface, syre at the default σ₀ = {cfg.syre_sigma:g} recovers the "
                 "predicted active latents (one offset θ₀ per seed)", sp,
-                {"per_seed": [r["active"] for r in surf["syre_seeds"]],
-                 "sigma_sweep": {str(r["sigma"]): r["active"] for r in surf["sigma_sweep"]}},
-                [abs(r["active"] - sp) for r in surf["syre_seeds"]],
+                {"per_seed": [r["active"] for r in results["syre_seeds"]],
+                 "sigma_sweep": {str(r["sigma"]): r["active"] for r in results["sigma_sweep"]}},
+                [abs(r["active"] - sp) for r in results["syre_seeds"]],
                 statistic="|active latents after syre − predicted active latents|", better="lower",
                 threshold=0.5, contradict=max(sp - 0.5, 0.5)),
     ]

@@ -7,14 +7,18 @@ round-off; at a random point they do not.
 Part 2 (threshold): for each weight decay γ (convention L + γ‖θ‖²), the network is trained on the
 dead-unit surface S (gradient descent never leaves it) to θ_S(γ); the theory predicts γ_c(θ_S) =
 −λ_min(Oᵀ∇²L O)/2, computed matrix-free and checked against closed form B, ‖mean(r x̃)‖. Then the
-dead unit is perturbed off S and training resumes: it should return to S iff γ > γ_c.
+dead unit is perturbed off S and training resumes: it should return to S iff γ > γ_c. Both trainings
+of the γ grid (on the surface, then from the kicked points) run on the sweep engine (``ms.sweep``, full-batch
+gradient descent, coupled torch ``weight_decay = 2γ``; ``keep_params`` returns θ_S(γ) for the threshold).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 
 from ..core import Mirror
 from ..theory import (
@@ -91,6 +95,52 @@ def _gd(loss, p: dict, batch: tuple, gamma: float, lr: float, steps: int) -> dic
     return {k: v.detach() for k, v in p.items()}
 
 
+class TanhNet(nn.Module):
+    """f(x) = Σ_j a_j tanh(w_jᵀx + b_j) started at ``starts[seed]`` (a tuple of parameter dicts: the sweep's
+    seed picks the start, so one grid trains from several given points)."""
+
+    w: nn.Parameter
+    b: nn.Parameter
+    a: nn.Parameter
+
+    def __init__(self, starts: tuple[dict, ...], seed: int):
+        super().__init__()
+        for key, value in starts[seed].items():
+            self.register_parameter(key, nn.Parameter(value.clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward({"w": self.w, "b": self.b, "a": self.a}, x)
+
+
+def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean (y − f(x))², the criterion of :func:`mse_loss`."""
+    return ((y - out) ** 2).mean()
+
+
+class SurfaceDistance:
+    """Sweep metric: distance to the dead-unit surface of unit ``DEAD``."""
+
+    def __init__(self):
+        self.mirror = Mirror.sign_flip(_unit(DEAD))
+
+    def __call__(self, params: dict, batch) -> torch.Tensor:
+        return self.mirror.distance(params)
+
+
+def _gd_grid(starts: list[dict], gammas: list[float], data: tuple, lr: float, steps: int, ctx: Context,
+             store: str) -> list[dict]:
+    """Full-batch GD on L + γ_i‖θ‖² from ``starts[i]`` for every i, on the sweep engine; the end points."""
+    from ..sweep import Sweep, final_params
+
+    grid = [{"lr": lr, "batch_size": len(data[0]), "steps": steps, "weight_decay": torch_weight_decay(g),
+             "seed": i} for i, g in enumerate(gammas)]
+    sweep = Sweep(partial(TanhNet, tuple(starts)), squared_error, data, grid,
+                  metrics={"distance": SurfaceDistance()}, record_every=10**9, name=f"theorem1-{store}",
+                  keep_params=True)
+    df = ctx.sweep(sweep, store).sort_values("seed")
+    return [final_params(row) for _, row in df.iterrows()]
+
+
 def _closed_form_b(x, y, p) -> float:
     xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     r = y - _forward(p, x)
@@ -114,18 +164,20 @@ def run(cfg: Config, ctx: Context) -> dict:
     # the γ grid is relative to the threshold at γ = 0 so that it brackets γ_c
     base = _gd(loss, sign.project(p0), data, 0.0, cfg.lr, cfg.steps_on_surface)
     gamma0 = critical_weight_decay(loss, base, sign, data).gamma
-    rows = []
-    for rel in ctx.track(cfg.gammas, "γ grid"):
-        gamma = rel * gamma0
-        on = _gd(loss, base, data, gamma, cfg.lr, cfg.steps_on_surface)
+    gammas = [rel * gamma0 for rel in cfg.gammas]
+    ons = _gd_grid([base] * len(gammas), gammas, data, cfg.lr, cfg.steps_on_surface, ctx, "on-surface")
+    starts, rows = [], []
+    for gamma, on in zip(gammas, ons, strict=True):
         gamma_c = critical_weight_decay(loss, on, sign, data).gamma
         # kick by cfg.kick along the softest mirror direction, the one the threshold is about
         evals, evecs = torch.linalg.eigh(projected_hessian(loss, on, sign, data).to_dense())
         kick = sign.direction(cfg.kick * evecs[:, 0], on)
-        start = {k: on[k] + kick[k] for k in on}
-        end = _gd(loss, start, data, gamma, cfg.lr, cfg.steps_off_surface)
+        starts.append({k: on[k] + kick[k] for k in on})
         rows.append({"gamma": gamma, "gamma_c": gamma_c, "gamma_c_closed_form": _closed_form_b(x, y, on),
-                     "start_distance": sign.distance(start).item(), "end_distance": sign.distance(end).item()})
+                     "start_distance": sign.distance(starts[-1]).item()})
+    ends = _gd_grid(starts, gammas, data, cfg.lr, cfg.steps_off_surface, ctx, "kicked")
+    for row, end in zip(rows, ends, strict=True):
+        row["end_distance"] = sign.distance(end).item()
     return {"part1": part1, "gamma0": gamma0, "rows": rows}
 
 

@@ -155,40 +155,25 @@ def test_info_nce_matches_loop_and_is_rotation_invariant():
 
 
 # ------------------------------------------------------------------------------------ neural collapse
-def test_batched_classifier_equals_per_copy_linear_layers():
-    g = torch.Generator().manual_seed(0)
-    params = neural_collapse.init_params(3, 8, 5, 4, [g])  # one seed, three copies
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.1 * torch.randn(p.shape, generator=g))  # make the copies differ
-    x = torch.randn(7, 8, generator=g)
-    logits, feats = neural_collapse.forward(params, x)
-    W1, b1, W2, b2, W3, b3 = params
-    for k in range(3):
-        h = torch.relu(F.linear(torch.relu(F.linear(x, W1[k], b1[k])), W2[k], b2[k]))
-        assert torch.allclose(feats[k], h, atol=1e-6)
-        assert torch.allclose(logits[k], F.linear(h, W3[k], b3[k]), atol=1e-6)
-    xs = torch.randn(3, 7, 8, generator=g)  # one batch per copy
-    per_copy, _ = neural_collapse.forward(params, xs)
-    for k in range(3):
-        h = torch.relu(F.linear(torch.relu(F.linear(xs[k], W1[k], b1[k])), W2[k], b2[k]))
-        assert torch.allclose(per_copy[k], F.linear(h, W3[k], b3[k]), atol=1e-6)
-    y = torch.randint(0, 4, (7,), generator=g)
-    mse = neural_collapse.data_loss(logits, y, "mse")
-    assert torch.allclose(mse, ((logits - F.one_hot(y, 4)) ** 2).sum(2).mean(1))
-    ce = neural_collapse.data_loss(logits, y, "ce")
-    assert torch.allclose(ce, torch.stack([F.cross_entropy(logits[k], y) for k in range(3)]))
+def test_features_logits_and_criteria_match_the_module():
+    net = neural_collapse.mlp(5, seed=0)
+    x = torch.randn(7, 64)
+    params = dict(net.named_parameters())
+    feats, logits = neural_collapse.features_and_logits(params, x)
+    assert torch.allclose(logits, net(x), atol=1e-6)
+    assert torch.allclose(feats, net[:4](x), atol=1e-6)
+    y = torch.randint(0, 10, (7,))
+    mse = neural_collapse.CRITERIA["mse"](logits, y)
+    assert torch.allclose(mse, ((logits - F.one_hot(y, 10)) ** 2).sum(1).mean())
+    batched = torch.func.vmap(neural_collapse.one_hot_squared_error)(torch.stack([logits, 2 * logits]),
+                                                                     torch.stack([y, y]))
+    assert torch.allclose(batched[1], ((2 * logits - F.one_hot(y, 10)) ** 2).sum(1).mean())  # vmaps
+    assert neural_collapse.CRITERIA["ce"] is F.cross_entropy
+    stacked = torch.stack([logits, logits])
+    assert torch.allclose(neural_collapse.data_loss(stacked, y, "mse"), mse.expand(2))
+    assert torch.allclose(neural_collapse.data_loss(stacked, y, "ce"), F.cross_entropy(logits, y).expand(2))
     with pytest.raises(ValueError, match="mse"):
-        neural_collapse.data_loss(logits, y, "hinge")
-
-
-def test_init_params_gives_each_seed_its_own_init_shared_by_its_copies():
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    W1 = neural_collapse.init_params(3, 8, 5, 4, gens)[0]
-    assert W1.shape == (6, 5, 8)
-    assert torch.equal(W1[0], W1[2]) and torch.equal(W1[3], W1[5]) and not torch.equal(W1[0], W1[3])
-    again = torch.Generator().manual_seed(2)
-    assert torch.allclose(W1[3], (2 * torch.rand(5, 8, generator=again) - 1) / 8**0.5, rtol=0, atol=1e-7)
+        neural_collapse.data_loss(stacked, y, "hinge")
 
 
 def test_posterior_predicted_counts_are_capped_by_latents():

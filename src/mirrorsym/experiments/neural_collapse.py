@@ -3,9 +3,9 @@
 A ReLU MLP 64 → H → H → 10 is trained on a fixed training subset of scikit-learn's digits with minibatch
 SGD + momentum and a cosine learning-rate decay to 0, one copy per (weight decay, seed) (all copies at
 once, batched weights; within a seed every decay shares the init and minibatches, each seed has its own),
-once with squared error to one-hot targets (MSE) and once with cross-entropy (CE). The grid is trained by
-hand-batched copies rather than the sweep engine because every NC metric needs the final features and
-classifier of each copy, which the engine does not return (it returns scalar metrics). Decay is coupled,
+once with squared error to one-hot targets (MSE) and once with cross-entropy (CE). The grid runs on the
+sweep engine (``ms.sweep``: momentum, cosine schedule, every (decay, seed) a vmapped copy); the NC metrics
+are computed from each run's trained parameters (``keep_params``). Decay is coupled,
 L + γ‖θ‖² with γ = λ/2 for the listed torch ``weight_decay`` λ (docs/theory.md#conventions). After
 training, on the training set, with features h = the last hidden layer and the head's classifier (W, b),
 :func:`mirrorsym.diagnose.metrics.neural_collapse` gives
@@ -18,19 +18,20 @@ regularisation, where the collapsed configuration is the decayed optimum): at ze
 decay pulls the features and classifier towards the collapsed, self-dual simplex configuration.
 The same findings are stated for both losses, each over ``seeds`` seeds: NC2 (angles) and NC3
 (self-duality) fall monotonically with λ, NC3 at least ``nc3_factor`` times smaller at the largest λ, and
-some λ > 0 sharpens NC1. At this size and training length they hold for MSE (NC1 improves at moderate λ
-but rises again at the largest one), while for CE decay does *not* reduce NC1 (it grows with λ) and
-NC2/NC3 barely move: those CE findings come out not reproduced or contradicted, and are reported as such.
+some λ > 0 sharpens NC1. At this size and training length they tend to hold for MSE and not for CE (where
+decay does not sharpen NC1 and NC3 barely moves); each comes out with its own verdict in the report.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..diagnose.metrics import neural_collapse
 from .base import Claim, Context, finding
@@ -66,48 +67,27 @@ CONFIGS = {
 }
 
 
-def init_params(K: int, d_in: int, width: int, C: int, gens: list[torch.Generator]) -> list[torch.Tensor]:
-    """nn.Linear-default-initialised weights [W1, b1, W2, b2, W3, b3], shape (S·K, ...): K identical copies
-    of one init per generator (seed) in ``gens``, seed-major."""
-    out = []
-    for a, b in ((d_in, width), (width, width), (width, C)):
-        bound = 1 / math.sqrt(a)
-        Ws, bs = [], []
-        for gen in gens:
-            Ws.append(((2 * torch.rand(b, a, generator=gen) - 1) * bound).expand(K, b, a))
-            bs.append(((2 * torch.rand(b, generator=gen) - 1) * bound).expand(K, b))
-        out += [torch.cat(Ws).clone().requires_grad_(), torch.cat(bs).clone().requires_grad_()]
-    return out
+def mlp(width: int, seed: int) -> nn.Sequential:
+    """The classifier 64 → width → width → 10 (ReLU), torch's default init from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def forward(params: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, d) shared by all copies, or (K, N, d) one batch per copy → (logits (K, N, C), features (K, N, H))."""
-    W1, b1, W2, b2, W3, b3 = params
-    x = x.expand(W1.shape[0], *x.shape) if x.dim() == 2 else x
-    h = torch.relu(torch.einsum("knd,khd->knh", x, W1) + b1[:, None])
-    h = torch.relu(h @ W2.transpose(1, 2) + b2[:, None])
-    return h @ W3.transpose(1, 2) + b3[:, None], h
+def features_and_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features h = the last hidden layer, logits) of :func:`mlp` with parameters ``params``."""
+    h = torch.relu(x @ params["0.weight"].T + params["0.bias"])
+    h = torch.relu(h @ params["2.weight"].T + params["2.bias"])
+    return h, h @ params["4.weight"].T + params["4.bias"]
 
 
-def train(cfg: Config, loss_kind: str, lr: float, X, y, gens: list[torch.Generator]) -> list[torch.Tensor]:
-    """One copy per (seed, weight decay), seed-major: copy s·D + k has seed ``gens[s]`` and decay k."""
-    D, S = len(cfg.weight_decays), len(gens)
-    params = init_params(D, X.shape[1], cfg.width, 10, gens)
-    gamma = (torch.tensor(cfg.weight_decays) / 2).repeat(S)  # L + γ‖θ‖², torch λ = 2γ
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
-    for t in range(cfg.steps):
-        for g in opt.param_groups:  # cosine decay to 0: the end point is a converged one
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / cfg.steps))
-        idx = torch.stack([torch.randint(0, len(X), (cfg.batch,), generator=gen) for gen in gens])
-        idx = idx.repeat_interleave(D, dim=0)  # (S·D, batch): a seed's decays share its minibatches
-        logits, _ = forward(params, X[idx])
-        ce = data_loss(logits, y[idx], loss_kind)
-        decay = sum((p.reshape(S * D, -1) ** 2).sum(1) for p in params)
-        loss = (ce + gamma * decay).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return params
+def one_hot_squared_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean over samples of ‖logits − one_hot(y)‖² (the MSE criterion; the one-hot by comparison, which vmaps,
+    where F.one_hot checks the labels' range with a host sync)."""
+    target = (y[..., None] == torch.arange(logits.shape[-1], device=y.device)).to(logits.dtype)
+    return ((logits - target) ** 2).sum(-1).mean()
+
+
+CRITERIA: dict[str, Callable[..., torch.Tensor]] = {"ce": F.cross_entropy, "mse": one_hot_squared_error}
 
 
 def data_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -123,27 +103,34 @@ def data_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def run(cfg: Config, ctx: Context) -> dict:
+    from ..sweep import Sweep, final_params
+
     X, y = digits()
     idx = torch.randperm(len(X), generator=ctx.generator(cfg.seed))[: cfg.n_train]
     X, y = X[idx], y[idx]
     out = {}
-    D = len(cfg.weight_decays)
+    seeds = [cfg.seed + 1 + 1000 * s for s in range(cfg.seeds)]
     for kind, lr in ctx.track(list(zip(cfg.losses, cfg.lrs, strict=True)), "neural collapse: losses"):
-        gens = [ctx.generator(cfg.seed + 1 + 1000 * s) for s in range(cfg.seeds)]
-        params = train(cfg, kind, lr, X, y, gens)
-        with torch.no_grad():
-            logits, feats = forward(params, X)
+        if kind not in CRITERIA:
+            raise ValueError(f"neural_collapse: Config.losses entries must be in {sorted(CRITERIA)}, got {kind!r}")
+        grid = {"lr": lr, "momentum": cfg.momentum, "lr_schedule": "cosine", "batch_size": cfg.batch,
+                "steps": cfg.steps, "weight_decay": list(cfg.weight_decays), "seed": seeds}
+        sweep = Sweep(partial(mlp, cfg.width), CRITERIA[kind], (X, y), grid, metrics={"loss": "loss"},
+                      record_every=10**9, name=f"neural-collapse-{kind}", keep_params=True)
+        df = ctx.sweep(sweep, f"sweep-{kind}")
         rows = []  # one row per decay; every value a list over seeds
-        for k, wd in enumerate(cfg.weight_decays):
+        for wd in cfg.weight_decays:
             per_seed = []
-            for s in range(cfg.seeds):
-                c = s * D + k
-                nc = neural_collapse(feats[c], y, weight=params[4][c].detach(), bias=params[5][c].detach(),
-                                     num_classes=10)
-                per_seed.append({"train_acc": float((logits[c].argmax(1) == y).double().mean()),
-                                 "train_loss": float(data_loss(logits[c : c + 1], y, kind)[0]),
+            for seed in seeds:
+                (row,) = [r for _, r in df.iterrows() if r["weight_decay"] == wd and r["seed"] == seed]
+                p = final_params(row)
+                with torch.no_grad():
+                    feats, logits = features_and_logits(p, X)
+                nc = neural_collapse(feats, y, weight=p["4.weight"], bias=p["4.bias"], num_classes=10)
+                per_seed.append({"train_acc": float((logits.argmax(1) == y).double().mean()),
+                                 "train_loss": float(data_loss(logits[None], y, kind)[0]),
                                  **{m: float(nc[m]) for m in METRICS}})
-            rows.append({"weight_decay": wd, **{m: [p[m] for p in per_seed] for m in per_seed[0]}})
+            rows.append({"weight_decay": wd, **{m: [q[m] for q in per_seed] for m in per_seed[0]}})
         out[kind] = rows
     return {"losses": out, "seeds": cfg.seeds}
 

@@ -14,8 +14,10 @@ vocabulary 32000, untied: 99.5 M).
 
 Columns: "detect" = ``find_symmetries(..., verify=False)`` (torch.export trace, one run of the graph,
 union-find, classification), "of which export" = ``torch.export.export`` alone (what the export-first
-tracing adds per call), "find_symmetries" = with the default verification, "torch-pruning" =
-``DependencyGraph().build_dependency`` + ``get_all_groups`` (stopped after --tp-timeout seconds).
+tracing adds per call), "find_symmetries" = with the default verification (every group alone, in float64;
+block by block where that is cheaper, see ``mirrorsym.detect.find.verify_groups``), "torch-pruning" =
+``DependencyGraph().build_dependency`` + ``get_all_groups``, the fastest of --tp-repeats runs (stopped after
+--tp-timeout seconds). To time an older mirrorsym with the same script, put its ``src`` first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="token ids per sequence (Hugging Face models)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--tp-timeout", type=int, default=300, help="seconds before torch-pruning is stopped")
+    parser.add_argument("--tp-repeats", type=int, default=3,
+                        help="torch-pruning runs per model, the fastest reported (its time varies with the load)")
     parser.add_argument("--agreement", action="store_true", help="compare channel groups with torch-pruning")
     parser.add_argument(
         "--per-group-verify",
@@ -201,7 +205,8 @@ def main() -> None:
         t_tp, tp_note = float("nan"), "not installed"
         if tp is not None:
             try:
-                t_tp, (_, groups) = timed(lambda m=model, x=x: tp_groups(m, x[0], args.tp_timeout))
+                t_tp, (_, groups) = timed(lambda m=model, x=x: tp_groups(m, x[0], args.tp_timeout),
+                                          args.tp_repeats)
                 tp_note = f"{t_tp:.1f} ({len(groups)} groups)"
             except _Timeout:
                 tp_note = f"stopped after {args.tp_timeout} s"

@@ -1,4 +1,5 @@
-"""Block-by-block verification (``verify_groups(..., blockwise=True)``, automatic above 2 GiB of float64):
+"""Block-by-block verification (``verify_groups(..., blockwise=True)``; the default above 2 GiB of float64 and
+wherever it is cheaper, see test_verify_fast.py):
 no float64 copy of the whole model, the same verdicts as the whole-model check, groups that are only
 symmetries of a larger module escalate to it, wrong groups are still caught, and the model is untouched."""
 

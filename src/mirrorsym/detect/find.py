@@ -7,13 +7,15 @@ import copy
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from ..core.finite import check_finite, check_materialized, check_module_finite
-from ..core.mirror import _flatten_outputs, output_change
+from ..core.mirror import _flatten_outputs
 from .context import ANY, NEG, NONE, POS
 from .groups import Member, Rotation, SymmetryGroup, make_group, random_elements
 from .smap import SymmetryMap
@@ -55,7 +57,9 @@ def find_symmetries(
     det.run(inputs, kwargs)
     det.warn_unknown()
     groups = build_groups(det)
-    smap = SymmetryMap(groups, unknown_ops=dict(det.unknown))
+    unknown = dict(det.unknown)
+    del det  # the detector holds a deep copy of the model: free it before verification (peak memory)
+    smap = SymmetryMap(groups, unknown_ops=unknown)
     if verify:
         kept = []
         errors = verify_groups(model, inputs, groups, seed=seed, kwargs=kwargs)
@@ -71,7 +75,7 @@ def find_symmetries(
                     DetectWarning,
                     stacklevel=2,
                 )
-        smap = SymmetryMap(kept, unknown_ops=dict(det.unknown))
+        smap = SymmetryMap(kept, unknown_ops=unknown)
     return smap
 
 
@@ -119,7 +123,7 @@ def verification_baseline(model: nn.Module, inputs: tuple, kwargs: dict | None =
     (floating inputs and keyword inputs cast to float64). Refuses non-finite parameters, buffers and
     inputs by name (:class:`~mirrorsym.core.finite.NonFiniteError`): on NaN every change compares as
     small, so a NaN model would "verify"."""
-    check_module_finite(model)
+    _check_module_finite(model)
     kwargs = dict(kwargs or {})
     named = [(f"input {i}", x) for i, x in enumerate(inputs)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
     check_finite(named, "example")
@@ -144,37 +148,92 @@ def verify_groups(
 ) -> list[float]:
     """Per group, the max relative output change after one random element (float64, eval mode).
 
-    One forward pass per group, each group alone, with an element drawn away from the identity (see
-    :func:`~mirrorsym.detect.groups.random_elements`), so no group passes by accident.
+    Each group alone, with an element drawn away from the identity (see
+    :func:`~mirrorsym.detect.groups.random_elements`), so no group passes by accident; a joint check
+    could pass by two errors cancelling.
 
-    ``blockwise`` (default ``None``: only when a float64 copy of ``model`` would exceed
-    :data:`VERIFY_BLOCKWISE_BYTES`, 2 GiB, i.e. above ~270 M float32 parameters) verifies without a float64
-    copy of the whole model, still in float64 (see :func:`_verify_blockwise`): a group whose tensors all
-    belong to one submodule that the forward pass calls once (a transformer block, its MLP, its attention)
-    is checked on that submodule alone, on the float64 inputs it received, and the error is the relative
-    change of *that submodule's* outputs (unchanged block outputs leave the model's outputs unchanged);
-    the other groups (the residual stream, a final norm with the LM head) by a whole forward pass in
-    which each block is cast to float64 (and transformed) only while it runs. Peak extra memory: about
-    one block in float64 instead of twice the model. If the model cannot run that way (a module reads
-    another's weights without calling it), the whole-model float64 copy is used after all.
+    ``blockwise=False``: one forward pass of a float64 copy of the whole model per group.
+    ``blockwise=True`` verifies block by block, still in float64 (see :func:`_verify_blockwise`): a group
+    whose tensors all belong to one submodule that the forward pass calls once (a ResNet bottleneck, a
+    transformer block, its MLP, its attention) is checked on that submodule alone, on the float64 inputs it
+    received, and the error is the relative change of *that submodule's* outputs (unchanged block outputs
+    leave the model's outputs unchanged); the other groups (the residual stream, a final norm with the LM
+    head) by a whole forward pass in which each block is cast to float64 (and transformed) only while it
+    runs. If the model cannot run that way (a module reads another's weights without calling it), the
+    whole-model float64 copy is used after all.
+
+    ``blockwise=None`` (the default) chooses by cost: blockwise when the float64 weights it expects to
+    run (one reference pass plus, per group, the block that checks it) are at most half of what the
+    whole-model checks run (one pass per group plus the reference), and always above
+    :data:`VERIFY_BLOCKWISE_BYTES` (2 GiB of float64 weights), where a float64 copy of the whole model
+    would not fit the memory goal.
     """
     if blockwise is None:
-        blockwise = _float64_bytes(model) > VERIFY_BLOCKWISE_BYTES
-    if blockwise:
+        big = _float64_bytes(model) > VERIFY_BLOCKWISE_BYTES
+        errors = _verify_blockwise(model, inputs, groups, seed, kwargs, cheaper_only=not big)
+    elif blockwise:
         errors = _verify_blockwise(model, inputs, groups, seed, kwargs)
-        if errors is not None:
-            return errors
+    else:
+        errors = None
+    if errors is not None:
+        return errors
     base, forward = verification_baseline(model, inputs, kwargs)
     y0 = forward()
     _warn_if_zero(y0)
+    ref = _Reference(y0)
+    del y0
     gen = torch.Generator().manual_seed(seed)
     errors = []
     for g, element in zip(groups, random_elements(groups, generator=gen), strict=True):
         # each group alone: a joint check could pass by two errors cancelling
         with restored(base, [g]):
             g.apply_(base, element)
-            errors.append(output_change(y0, forward()))
+            errors.append(ref.change(forward()))
     return errors
+
+
+class _Reference:
+    """The clean outputs, checked once (finite, else :class:`~mirrorsym.core.finite.NonFiniteError`), with
+    their scales: ``change(y)`` is :func:`~mirrorsym.core.mirror.output_change` of the clean outputs and
+    ``y`` (the same number) in one pass over ``y`` instead of four."""
+
+    def __init__(self, y0) -> None:
+        self.ys = _flatten_outputs(y0)
+        check_finite([(f"output {i} (shape {tuple(y.shape)})", y) for i, y in enumerate(self.ys)], "model")
+        self.scales = [
+            max(float(y.abs().max()), torch.finfo(y.dtype).tiny) if y.is_floating_point() and y.numel() else 0.0
+            for y in self.ys
+        ]
+
+    def change(self, y) -> float:
+        ys = _flatten_outputs(y)
+        if len(ys) != len(self.ys):
+            raise ValueError(f"the function returned {len(self.ys)} outputs before and {len(ys)} after the change")
+        worst = 0.0
+        for y0, y1, scale in zip(self.ys, ys, self.scales, strict=True):
+            if y0.shape != y1.shape:
+                raise ValueError(f"an output changed shape: {tuple(y0.shape)} vs {tuple(y1.shape)}")
+            if y0.numel() == 0:
+                continue
+            if not y0.is_floating_point():
+                worst = max(worst, 0.0 if torch.equal(y0, y1) else math.inf)
+                continue
+            d = float((y1 - y0).abs().max())  # NaN or Inf in y1 gives NaN or Inf here
+            if not math.isfinite(d):
+                return math.inf
+            worst = max(worst, d / scale)
+        return worst
+
+
+def _check_module_finite(model: nn.Module) -> None:
+    """:func:`~mirrorsym.core.finite.check_module_finite` in one pass per tensor: a float64 sum of a tensor
+    is finite iff all its entries are (a finite float32 tensor cannot overflow it); the exact check (with
+    the message naming the tensors) runs only when a sum is not finite."""
+    check_materialized(model)
+    for t in _unique_tensors(model).values():
+        if t.is_complex() or (t.is_floating_point() and not math.isfinite(float(t.detach().sum(dtype=torch.float64)))):
+            check_module_finite(model)
+            return
 
 
 def _warn_if_zero(y0) -> None:
@@ -232,8 +291,11 @@ class _Swapper:
     tensors fit in ``budget`` bytes; a module above them swaps only its own tensors. A module that reads a
     tensor outside the block being run meets a meta tensor and fails loudly (never silently in float32)."""
 
-    def __init__(self, model: nn.Module, budget: int):
+    def __init__(self, model: nn.Module, budget: int, keep: bool = False):
         tensors = _unique_tensors(model)
+        # keep=True: every float64 cast is kept for the later runs (at most the float64 copy of the whole
+        # model that the plain check makes; only below VERIFY_BLOCKWISE_BYTES)
+        self.keep: dict[int, torch.Tensor] | None = {} if keep else None
         memo: dict = {}
         for t in tensors.values():
             meta = torch.empty(t.shape, dtype=torch.float64 if t.is_floating_point() else t.dtype, device="meta")
@@ -269,8 +331,8 @@ class _Swapper:
         for sm in mods:
             for attr, t in self.real.get(sm, ()):
                 if id(t) not in cache:
-                    v = _to64(t)
                     members = self.members.get(id(t))
+                    v = self.cast(t, fresh=bool(members))
                     if members:
                         # members are only recorded by set_group with a group and its element
                         assert self.group is not None and self.element is not None
@@ -281,6 +343,15 @@ class _Swapper:
                 v = cache[id(t)]
                 out.append((sm, attr, nn.Parameter(v, requires_grad=False) if attr in sm._parameters else v))
         return out
+
+    def cast(self, t: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """A float64 copy of ``t``: the kept one (``fresh``: a copy of it, to be transformed) or a new one."""
+        if self.keep is None:
+            return _to64(t)
+        v = self.keep.get(id(t))
+        if v is None:
+            v = self.keep[id(t)] = _to64(t)
+        return v.clone() if fresh else v
 
     @contextlib.contextmanager
     def swapped(self, items):
@@ -327,6 +398,215 @@ class _Swapper:
         self.handles = []
 
 
+_MEMO_BYTES = 512 * 2**20  # the clean leaf outputs one memo keeps at most
+_LEAF_EXACT = 1e-12  # a leaf's outputs unchanged up to this (relative): the rest of the block sees clean values
+
+
+class _LeafMemo:
+    """Within one block check, skip the work that cannot differ from the clean run.
+
+    The clean pass (mode "record") keeps every output of every *leaf* call (a submodule with no children:
+    a Conv, a BatchNorm, a Linear, an activation module). In a group's pass (mode "check") a leaf call is
+
+    * **skipped** (the clean outputs are returned; copies where the clean pass modified them in place
+      later) when the leaf is one of torch.nn's own modules (its outputs depend only on its arguments and
+      its own tensors; not a custom module, which could read state of its own, nor one whose forward was
+      patched), none of its tensors is moved by the group, every tensor argument is *clean* (the very
+      block input or clean leaf output that the clean pass gave at that call, not modified in place
+      since: the tensor's version counter is compared) and every other argument equal; calls whose
+      outputs alias or view an input are never skipped;
+    * else **run**, and its outputs compared with the clean ones: a relative change of at most
+      ``_LEAF_EXACT`` (far below the block's ``_BLOCK_EXACT``) is a *cut*: the clean values replace them
+      (written in place when the outputs alias an input) and everything after sees clean values, and
+      the largest cut change is part of the group's reported error.
+
+    So a group costs the leaves from the first one it moves to the first one where its change vanishes
+    (a bn_scale group: its conv and its BatchNorm), not the whole block. Anything the memo cannot read
+    (code outside leaves, a call sequence that differs from the clean run) is simply run."""
+
+    def __init__(self, block: nn.Module, members: Callable[[nn.Module], bool], max_bytes: int) -> None:
+        self.room = max_bytes  # bytes of clean outputs it may still keep (later calls are just run)
+        self.leaves = [m for m in block.modules() if m is not block and next(m.children(), None) is None]
+        self.pure = {  # leaves that may be skipped: torch.nn's own, forward not patched
+            id(m) for m in self.leaves if type(m).__module__.startswith("torch.nn.") and "forward" not in m.__dict__
+        }
+        self.moved = members  # does the current group move a tensor of this leaf
+        self.ref: dict[tuple[int, int], tuple] = {}
+        self.mode = ""
+        self.cut = 0.0
+        self.calls: dict[int, int] = {}
+        self.clean: dict[int, tuple[int, object, torch.Tensor]] = {}  # id -> (version, token, tensor)
+        self.returned: dict[tuple[int, int], list] = {}  # clean run: key -> [(output, its version)]
+        self.mutated: set[tuple[int, int]] = set()  # calls whose outputs the clean run modified later
+        self.handed: list = []  # (key, kept tensor, version) handed out without a copy in this run
+
+    @contextlib.contextmanager
+    def active(self, mode: str, inputs):
+        self.mode, self.cut, self.calls, self.clean = mode, 0.0, {}, {}
+        if not mode:  # off
+            yield self
+            return
+        leaves, _ = pytree.tree_flatten(inputs)
+        for j, t in enumerate(leaves):
+            if isinstance(t, torch.Tensor):
+                self._mark(t, ("in", j))
+        saved = [(m, m.__dict__.get("forward")) for m in self.leaves]  # a forward patched by someone else
+        for m in self.leaves:
+            m.forward = self._wrap(m, m.forward)  # an instance attribute: nn.Module.__call__ calls it
+        try:
+            yield self
+        finally:
+            for m, old in saved:
+                if old is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = old
+            for key, outs in self.returned.items():  # outputs the clean run modified in place later
+                if any(o._version != v for o, v in outs):
+                    self.mutated.add(key)
+            for key, t, v in self.handed:
+                if t._version != v:  # a kept clean value was modified: forget that call
+                    self.ref.pop(key, None)
+            self.mode, self.calls, self.clean, self.returned, self.handed = "", {}, {}, {}, []
+
+    def _mark(self, t: torch.Tensor, token) -> None:
+        self.clean[id(t)] = (t._version, token, t)
+
+    def _signature(self, args, kwargs) -> list | None:
+        out: list = []
+        for v in pytree.tree_flatten((args, kwargs))[0]:
+            if isinstance(v, torch.Tensor):
+                c = self.clean.get(id(v))
+                if c is None or c[0] != v._version:
+                    return None  # not known to hold clean values
+                out.append(c[1])
+            else:
+                out.append(("value", v))
+        return out
+
+    def _wrap(self, module: nn.Module, forward):
+        def run(*args, **kwargs):
+            n = self.calls[id(module)] = self.calls.get(id(module), -1) + 1
+            key = (id(module), n)
+            sig = self._signature(args, kwargs)
+            ins = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if self.mode == "record":
+                out = forward(*args, **kwargs)
+                outs, spec = pytree.tree_flatten(out)
+                aliased = any(_shares(o, ins) for o in outs if isinstance(o, torch.Tensor))
+                size = sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
+                if size > self.room:
+                    return out
+                self.room -= size
+                kept = [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outs]
+                scales = [_scale_of(o) for o in kept]  # None: not finite
+                self.ref[key] = (sig, kept, spec, scales, aliased)
+                self.returned[key] = [(o, o._version) for o in outs if isinstance(o, torch.Tensor)]
+                self._mark_all(outs, key)
+                return out
+            ref = self.ref.get(key)
+            skippable = id(module) in self.pure and not self.moved(module)
+            if ref is not None and sig is not None and ref[0] is not None and not ref[4] and skippable:
+                same = False
+                with contextlib.suppress(Exception):  # a value that cannot be compared: run the leaf
+                    same = bool(sig == ref[0])
+                if same:
+                    outs = [self._hand_out(key, o) for o in ref[1]]
+                    self._mark_all(outs, key)
+                    return pytree.tree_unflatten(outs, ref[2])
+            out = forward(*args, **kwargs)
+            if ref is None:
+                return out
+            outs, spec = pytree.tree_flatten(out)
+            change = _tree_change(outs, spec, ref)
+            if change is None or change > _LEAF_EXACT:
+                return out
+            self.cut = max(self.cut, change)
+            with torch.no_grad():
+                outs = [
+                    (o.copy_(r) if _shares(o, ins) else self._hand_out(key, r)) if isinstance(o, torch.Tensor) else o
+                    for o, r in zip(outs, ref[1], strict=True)
+                ]
+            self._mark_all(outs, key)
+            return pytree.tree_unflatten(outs, spec)
+
+        return run
+
+    def _hand_out(self, key, kept):
+        """The clean value ``kept`` for the run: a copy if the clean run modified this call's outputs in
+        place later (a BatchNorm output that ``out += identity`` adds to), else ``kept`` itself, watched:
+        if the run modifies it after all, the call is forgotten (never skipped or cut again)."""
+        if not isinstance(kept, torch.Tensor):
+            return kept
+        if key in self.mutated:
+            return kept.clone()
+        self.handed.append((key, kept, kept._version))
+        return kept
+
+    def _mark_all(self, outs: list, key) -> None:
+        for j, o in enumerate(outs):
+            if isinstance(o, torch.Tensor):
+                self._mark(o, ("out", key, j))
+
+
+def _shares(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    """Whether ``t`` is, aliases or views one of ``others`` (same storage)."""
+    if t.device.type == "meta":
+        return True
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.device == t.device and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def _scale_of(t) -> float | None:
+    """max |t| (at least the dtype's tiny) of a floating tensor, None if ``t`` is not finite, else 0."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        m = float(t.abs().max())
+        return max(m, torch.finfo(t.dtype).tiny) if math.isfinite(m) else None
+    return 0.0
+
+
+_SAMPLE = 4096  # entries compared first: a leaf that changed is usually seen there at once
+
+
+def _tree_change(outs: list, spec, ref: tuple) -> float | None:
+    """The relative change of a leaf's outputs against the clean ones; None if they cannot be compared
+    (another structure, shape or dtype, a non-tensor that differs, a non-finite value)."""
+    _, kept, ref_spec, scales, _ = ref
+    if spec != ref_spec or len(outs) != len(kept):
+        return None
+    worst = 0.0
+    for o, r, scale in zip(outs, kept, scales, strict=True):
+        if not isinstance(o, torch.Tensor) or not isinstance(r, torch.Tensor):
+            if isinstance(o, torch.Tensor) or isinstance(r, torch.Tensor):
+                return None
+            try:
+                if not bool(o == r):
+                    return None
+            except Exception:
+                return None
+            continue
+        if o.shape != r.shape or o.dtype != r.dtype:
+            return None
+        if o.numel() == 0:
+            continue
+        if not o.is_floating_point():
+            if not torch.equal(o, r):
+                return None
+            continue
+        if scale is None:
+            return None
+        if o.numel() > 4 * _SAMPLE and o.is_contiguous() and r.is_contiguous():
+            step = o.numel() // _SAMPLE
+            d = float((o.view(-1)[::step] - r.view(-1)[::step]).abs().max())
+            if not d <= _LEAF_EXACT * scale:  # changed (or not finite): not a cut
+                return None
+        d = float((o - r).abs().max())
+        if not math.isfinite(d):
+            return None
+        worst = max(worst, d / scale)
+    return worst
+
+
 def _no_none(y):
     """``y`` without its None entries (an attention module returning ``(out, None)``), so that
     output_change can compare it; other non-tensor leaves raise."""
@@ -350,9 +630,13 @@ def _owner(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = None) -> list[float] | None:
+def _verify_blockwise(
+    model, inputs, groups, seed, kwargs, budget: int | None = None, cheaper_only: bool = False,
+    leaf_memo: bool = True,
+) -> list[float] | None:
     """verify_groups without a float64 copy of the model (see there); None if the model cannot be run
-    block by block (then the caller uses the whole-model copy).
+    block by block (then the caller uses the whole-model copy), or, with ``cheaper_only``, if the
+    whole-model checks are expected to cost less (see verify_groups).
 
     A group is first checked on its *owner*, the deepest submodule holding every name of every tensor it
     moves, if the forward pass called that module once and its tensors fit in ``budget``: its float64
@@ -361,23 +645,20 @@ def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = 
     outputs unchanged. A group that changes its owner's outputs may still be a symmetry of a larger
     module (a q.k rotation inside one fused projection changes q and k, not q kᵀ): it is checked again
     on the next enclosing module that qualifies, and finally by a whole forward pass, whose error is the
-    one reported."""
-    check_module_finite(model)
-    kwargs = dict(kwargs or {})
-    named = [(f"input {i}", x) for i, x in enumerate(inputs)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
-    check_finite(named, "example")
+    one reported.
+
+    Below :data:`VERIFY_BLOCKWISE_BYTES` of float64 weights every float64 cast is kept for the later runs
+    (the memory of the whole-model float64 copy, which the plain check makes anyway): a weight is cast once,
+    and a group's moved tensors are copies of the kept casts. Above it each block is cast while it runs."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         return None  # groups name the plain tensors: act through apply_ on a whole copy
-    xs = to_float64(tuple(inputs))
-    kw = dict(zip(kwargs, to_float64(tuple(kwargs.values())), strict=True))
+    total = _float64_bytes(model)
     if budget is None:
-        budget = max(_BLOCK_MIN_BYTES, _float64_bytes(model) // 16)
-    sw = _Swapper(model, budget)
-    elements = random_elements(groups, generator=torch.Generator().manual_seed(seed))
-    shell_mods = dict(sw.shell.named_modules())
+        budget = max(_BLOCK_MIN_BYTES, total // 16)
+    sizes = {path: _float64_bytes(m) for path, m in model.named_modules()}
 
     def fits(path: str) -> bool:
-        return bool(path) and sw.size[shell_mods[path]] <= budget
+        return bool(path) and sizes[path] <= budget
 
     aliases: dict[int, list[str]] = defaultdict(list)
     every = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
@@ -390,6 +671,25 @@ def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = 
             t = model.get_buffer(m.name) if m.buffer else model.get_parameter(m.name)
             names.extend(aliases[id(t)])
         owner_of[i] = _owner(names)
+    if cheaper_only:
+        # float64 weights run: a reference pass, then per group its owner block (or a whole pass); the
+        # plain check runs the whole model once per group and once for the reference
+        blocks = {}
+        for i, path in owner_of.items():
+            while path and not fits(path):
+                path = path.rpartition(".")[0]
+            blocks[i] = sizes[path] if path else total
+        if 2 * (total + sum(blocks.values())) > (len(groups) + 1) * total:
+            return None
+    _check_module_finite(model)
+    kwargs = dict(kwargs or {})
+    named = [(f"input {i}", x) for i, x in enumerate(inputs)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
+    check_finite(named, "example")
+    xs = to_float64(tuple(inputs))
+    kw = dict(zip(kwargs, to_float64(tuple(kwargs.values())), strict=True))
+    sw = _Swapper(model, budget, keep=total <= VERIFY_BLOCKWISE_BYTES)
+    elements = random_elements(groups, generator=torch.Generator().manual_seed(seed))
+    shell_mods = dict(sw.shell.named_modules())
     # the inputs of every call of each owner and of every module enclosing one, while they fit the budget
     watched = set()
     for path in owner_of.values():
@@ -404,11 +704,17 @@ def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = 
 
         return pre
 
-    def run_whole():
+    moved = lambda m: any(id(t) in sw.members for _, t in sw.real.get(m, ()))  # noqa: E731
+    # the whole passes (the reference, the groups no block could check) with a memo too: a group of the
+    # stem or of the last stage runs from its first moved leaf to where its change vanishes
+    whole_memo = _LeafMemo(sw.shell, moved, max_bytes=_MEMO_BYTES)
+
+    def run_whole(mode: str = ""):
         sw.install()
+        a, k = _clone_tree((xs, kw))  # a fresh copy each pass: a model that writes into its inputs
         try:
-            with torch.no_grad():
-                y = sw.shell(*xs, **kw)
+            with torch.no_grad(), whole_memo.active(mode if leaf_memo else "", (a, k)):
+                y = sw.shell(*a, **k)
         finally:
             sw.remove()
         if any(t.is_meta for t in _flatten_outputs(y)):
@@ -418,13 +724,15 @@ def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = 
     handles = [shell_mods[p].register_forward_pre_hook(capture(p), with_kwargs=True) for p in watched]
     try:
         sw.set_group(None)
-        y0 = run_whole()
+        y0 = run_whole("record")
     except Exception:  # the model reads tensors outside the module that runs: use the whole-model copy
         return None
     finally:
         for h in handles:
             h.remove()
     _warn_if_zero(y0)
+    ref = _Reference(y0)
+    del y0
 
     def block_of(path: str) -> str:
         """``path`` or the nearest module enclosing it that can be checked alone ("" = none)."""
@@ -440,26 +748,34 @@ def _verify_blockwise(model, inputs, groups, seed, kwargs, budget: int | None = 
         path = max((p for p in pending if p), key=lambda p: p.count(".") + 1)  # deepest first
         idx = pending.pop(path)
         module = shell_mods[path]
-        args, kwargs_ = captured[path][0]
+        # deepest first and escalation only goes up: this block's inputs are not needed after it
+        args, kwargs_ = captured.pop(path)[0]
         up = block_of(path.rpartition(".")[0])
         try:
             sw.set_group(None)
             base: dict = {}  # the block's float64 tensors, cast once; a group recasts only what it moves
+            memo = _LeafMemo(module, moved, max_bytes=_MEMO_BYTES)
             with sw.swapped(sw.float64_tensors(module, True, base)), torch.no_grad():
-                b0 = _no_none(module(*_clone_tree(args), **_clone_tree(kwargs_)))
+                a, k = _clone_tree(args), _clone_tree(kwargs_)
+                with memo.active("record" if leaf_memo else "", (a, k)):
+                    b0 = _Reference(_no_none(module(*a, **k)))
             for i in idx:
                 sw.set_group(groups[i], elements[i], model)
                 cache = {k: v for k, v in base.items() if k not in sw.members}
                 with sw.swapped(sw.float64_tensors(module, True, cache)), torch.no_grad():
-                    y = module(*_clone_tree(args), **_clone_tree(kwargs_))
-                errors[i] = output_change(b0, _no_none(y))
+                    a, k = _clone_tree(args), _clone_tree(kwargs_)
+                    with memo.active("check" if leaf_memo else "", (a, k)):
+                        y = module(*a, **k)
+                    errors[i] = max(b0.change(_no_none(y)), memo.cut)
+                del y, cache, a, k
                 if errors[i] > _BLOCK_EXACT:
                     pending[up].append(i)
         except Exception:  # this block cannot run alone: its groups go one level up
             pending[up].extend(i for i in idx if not errors[i] <= _BLOCK_EXACT and i not in pending[up])
+        del args, kwargs_
     for i in sorted(set(pending.get("", []))):
         sw.set_group(groups[i], elements[i], model)
-        errors[i] = output_change(y0, run_whole())
+        errors[i] = max(ref.change(run_whole("check")), whole_memo.cut)
     sw.set_group(None)
     return errors
 

@@ -11,7 +11,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.mirror import output_change
 from .groups import SymmetryGroup
 
 ExampleInputs = torch.Tensor | tuple[Any, ...]
@@ -47,21 +46,19 @@ class SymmetryMap:
     def verify(self, model: nn.Module, example_inputs: ExampleInputs, seed: int = 0,
                example_kwargs: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row per group: the max relative output change after one random element of that group
-        alone (generator seeded with ``seed``; never the identity), applied to a float64 eval-mode copy
-        of ``model`` (``model`` is untouched). Non-finite weights or inputs raise
+        alone (generator seeded with ``seed``; never the identity), in float64 and eval mode, by
+        :func:`~mirrorsym.detect.find.verify_groups` (``model`` is untouched): on a float64 copy of
+        ``model``, or block by block where that is cheaper (then a group checked on one block reports the
+        relative change of that block's outputs). Non-finite weights or inputs raise
         :class:`~mirrorsym.core.finite.NonFiniteError`."""
-        from .find import restored, verification_baseline
+        from .find import verify_groups
 
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        base, forward = verification_baseline(model, inputs, example_kwargs)
-        gen = torch.Generator().manual_seed(seed)
-        y0 = forward()
-        rows = []
-        for g in self.groups:
-            with restored(base, [g]):
-                g.apply_(base, g.random_element(generator=gen))
-                err = output_change(y0, forward())
-            rows.append({"group": g.label, "kind": g.kind, "size": g.size, "max_rel_change": err})
+        errors = verify_groups(model, inputs, self.groups, seed=seed, kwargs=example_kwargs)
+        rows = [
+            {"group": g.label, "kind": g.kind, "size": g.size, "max_rel_change": err}
+            for g, err in zip(self.groups, errors, strict=True)
+        ]
         return pd.DataFrame(rows, columns=["group", "kind", "size", "max_rel_change"])
 
     def to_pandas(self) -> pd.DataFrame:

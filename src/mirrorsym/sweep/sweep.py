@@ -160,7 +160,10 @@ def _code_digest(code: types.CodeType) -> str:
     return _hex(code.co_code + json.dumps([consts, code.co_names, code.co_varnames]).encode())
 
 
+@functools.lru_cache(maxsize=4096)
 def _source_digest(obj) -> str | None:
+    """Digest of a function's or class's source. Cached: ``inspect.getsource`` of a class scans its whole
+    file, and a sweep may describe the same class once per metric object (thousands of times)."""
     try:
         return _hex(inspect.getsource(obj))
     except (OSError, TypeError):

@@ -2,19 +2,27 @@
 duplicated channels counted against a numpy recomputation."""
 
 import numpy as np
-import pandas as pd
 import torch
 
 from mirrorsym.detect import find_symmetries
 from mirrorsym.experiments import permutation as P
+from mirrorsym.experiments.base import Context
 
 
-def test_entry_metrics_round_trip_through_a_row():
-    model = P.cnn_factory((2, 3), None, 0)
-    params = dict(model.named_parameters())
-    row = pd.Series({k: float(fn(params, None).detach()) for k, fn in P.entry_metrics(model).items()})
-    back = P.params_from_row(row, model)
-    assert all(torch.equal(back[n], p.detach()) for n, p in params.items())
+def test_sweep_models_rebuild_each_seed_with_its_trained_parameters_and_offsets(tmp_path):
+    cfg = P.Config(channels=(2, 3), steps=3, seeds=2, batch=8)
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 10
+    ctx = Context(out_dir=tmp_path)
+    for sigma in (None, 0.01):
+        runs = P.sweep_models(cfg, ctx, x, y, sigma, (cfg.weight_decay,), f"s{sigma}")
+        assert sorted(r[1] for r in runs) == [0, 1] and all(r[2] == "ok" for r in runs)
+        for _, seed, _, model in runs:
+            init = P.cnn_factory(cfg.channels, sigma, seed)
+            trained = dict(model.named_parameters())
+            assert any(not torch.equal(p, trained[n]) for n, p in init.named_parameters())  # trained
+            assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in init.named_buffers())  # same θ₀
+        first = [dict(m.named_parameters()) for *_, m in runs]
+        assert not all(torch.equal(first[0][n], first[1][n]) for n in first[0])  # each seed its own run
 
 
 def test_split_trained_gives_offset_plus_learned_part():

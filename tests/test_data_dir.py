@@ -297,24 +297,30 @@ def test_augment_is_a_padded_crop_possibly_flipped():
 def test_permutation_full_path_trains_resnet18_on_cifar_files(tmp_path):
     data = tmp_path / "data"
     write_cifar(data, per_batch=2)
-    cfg = replace(permutation.CONFIGS["tiny"], epochs=1, resnet=True, resnet_width=4, resnet_epochs=1,
-                  resnet_batch=4, resnet_probe=4)
+    cfg = replace(permutation.CONFIGS["tiny"], seeds=2, resnet=True, resnet_width=4, resnet_epochs=1,
+                  resnet_batch=4, resnet_probe=4, resnet_seeds=2)
     ctx = Context(out_dir=tmp_path / "out", size="full", data_dir=data)
     ctx.out_dir.mkdir()
     results = json.loads(json.dumps(permutation.run(cfg, ctx)))
     res = results["resnet18"]
     assert set(res) == set(permutation.METHODS)
     for method in permutation.METHODS:
-        assert 0.0 <= res[method]["accuracy"] <= 1.0
-        units = [layer["units"] for layer in res[method]["layers"]]
-        # stem/stage residual streams and the inner channel of each of the 8 blocks: 4·(1, 2, 4, 8) channels
-        assert sorted(set(units)) == [4, 8, 16, 32] and len(units) >= 8
-        assert all(0 <= layer["dead"] <= layer["units"] and 1 <= layer["distinct"] <= layer["units"]
-                   for layer in res[method]["layers"])
+        assert [r["seed"] for r in res[method]] == [0, 1]  # every seed of every method trained
+        for run in res[method]:
+            assert 0.0 <= run["accuracy"] <= 1.0
+            layers = run["theta"]["layers"]
+            units = [layer["units"] for layer in layers]
+            # stem/stage residual streams and the inner channel of each of the 8 blocks: 4·(1, 2, 4, 8) channels
+            assert sorted(set(units)) == [4, 8, 16, 32] and len(units) >= 8
+            assert all(0 <= layer["dead"] <= layer["units"] and 1 <= layer["distinct"] <= layer["units"]
+                       for layer in layers)
+            assert run["theta"]["dead"] == sum(layer["dead"] for layer in layers)
     paths = permutation.plot(results, ctx)
-    assert [Path(p).name for p in paths] == ["permutation.png", "permutation_resnet18.png"]
+    assert [Path(p).name for p in paths][-1] == "permutation_resnet18.png" and len(paths) >= 2
     claims = permutation.claims(results, cfg)
-    assert len(claims) == 7 and "ResNet-18" in claims[-1].claim
+    resnet = [c for c in claims if "ResNet-18" in c.claim]
+    assert len(resnet) == 4 and all(c.kind == "finding" and c.seeds == 2 for c in resnet)
+    assert claims[-len(resnet):] == resnet
     # no CIFAR-10 under data_dir: the digits part alone runs
     assert "resnet18" not in permutation.run(cfg, Context(out_dir=ctx.out_dir, size="full", data_dir=tmp_path))
 

@@ -22,7 +22,7 @@ equal its own to float round-off.
 
 Problems:
 
-1. Sparsity sweep (THEORY.md §3 closed form A): Hadamard regression f(x) = Σ u_i w_i x_i, d = 100,
+1. Sparsity sweep (docs/theory.md#closed-form-a): Hadamard regression f(x) = Σ u_i w_i x_i, d = 100,
    n = 1000 isotropic samples, 10-sparse teacher, noise 0.1; 256 configs = 8 weight decays × 4 lrs ×
    8 seeds, minibatch 32, 2000 steps, metrics (loss, support size) every 100 steps.
 2. Digits MLP (compute-bound): scikit-learn ``load_digits`` (1797 × 64), MLP 64-64-10 tanh,
@@ -58,7 +58,7 @@ import mirrorsym as ms
 
 # ----------------------------------------------------------------------------- problems
 class Hadamard(nn.Module):
-    """f(x) = Σ_i u_i w_i x_i: lasso in disguise (THEORY.md §3 A)."""
+    """f(x) = Σ_i u_i w_i x_i: lasso in disguise (docs/theory.md#closed-form-a)."""
 
     def __init__(self, d: int, seed: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""DCS parametrizations against independent references (THEORY.md §5, closed forms A and C, scikit-learn)."""
+"""DCS parametrizations against independent references (docs/theory.md#dcs, closed forms A and C, scikit-learn)."""
 
 import pytest
 import torch
@@ -124,7 +124,7 @@ def test_sparse_reaches_sklearn_lasso_with_sign_changes(alpha):
 
 
 def test_balanced_split_would_freeze_signs():
-    """Why the split is unbalanced (THEORY.md §5): u = v = √θ sits on the mirror surface u = v, which GD
+    """Why the split is unbalanced (docs/theory.md#dcs): u = v = √θ sits on the mirror surface u = v, which GD
     never leaves, so θ = u·v ≥ 0 forever, while the unbalanced split crosses zero."""
     target = torch.tensor(-1.0, dtype=F64)
     for balanced, expect_negative in [(True, False), (False, True)]:

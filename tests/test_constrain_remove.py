@@ -1,4 +1,4 @@
-"""Removing symmetries (THEORY.md §6): planted duplicated neurons stay duplicated under plain training
+"""Removing symmetries (docs/theory.md#syre): planted duplicated neurons stay duplicated under plain training
 with weight decay (Theorem 1: the swap surface is absorbing) and separate under remove_symmetries."""
 
 import pytest

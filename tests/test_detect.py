@@ -164,7 +164,7 @@ class TwoLinear(nn.Module):
 
 
 class ResidualPath(nn.Module):
-    """f = U(W x + x): the residual path breaks the rotation (THEORY.md §3)."""
+    """f = U(W x + x): the residual path breaks the rotation (docs/theory.md#common-symmetries)."""
 
     def __init__(self, d=5):
         super().__init__()

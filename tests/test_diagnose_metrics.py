@@ -1,4 +1,4 @@
-"""Collapse metrics (THEORY.md §7) against numpy / scikit-learn and closed forms."""
+"""Collapse metrics (docs/theory.md#metrics) against numpy / scikit-learn and closed forms."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Gradient-noise theory (THEORY.md §4) against exact enumeration, closed forms A/B, dense Hessians and
+"""Gradient-noise theory (docs/theory.md#gradient-noise) against exact enumeration, closed forms A/B, dense Hessians and
 simulated nonlinear SGD."""
 
 import itertools

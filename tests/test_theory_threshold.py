@@ -1,4 +1,4 @@
-"""Theorem 1 quantities against closed forms A and B (THEORY.md §3) and dense Hessians."""
+"""Theorem 1 quantities against closed forms A and B (docs/theory.md#theorem-1) and dense Hessians."""
 
 import pytest
 import torch

@@ -113,8 +113,8 @@ def _reference(method, cfg, s, d_in, d_out):
     hook = None
     if method == "l2_init":
         l2_init(model, mode="optimizer", weight_decay=lam, optimizer=opt)
-    elif method in ("syre", "syre_large"):
-        sigma = cfg.syre_sigma if method == "syre" else cfg.syre_large_sigma
+    elif method in dict(P.SIGMA_SWEEP):
+        sigma = getattr(cfg, dict(P.SIGMA_SWEEP)[method])
         remove_symmetries(model, sigma=sigma, seed=P._seed(cfg, s, 3), mode="optimizer", weight_decay=lam,
                           optimizer=opt)
     elif method == "shrink_perturb":
@@ -170,7 +170,8 @@ def test_one_step_of_each_method_by_hand():
     for k, (m, s) in enumerate(methods.copies):
         init = MLP(d_in, CFG.width, CFG.depth, d_out, torch.Generator().manual_seed(P._seed(CFG, s, 1)))
         gen0 = torch.Generator().manual_seed(P._seed(CFG, s, 3))
-        sigma = {"syre": CFG.syre_sigma, "syre_large": CFG.syre_large_sigma}.get(m)
+        sigma = {"syre": CFG.syre_sigma, "syre_large": CFG.syre_large_sigma, "syre_small": CFG.syre_small_sigma,
+                 "syre_mid": CFG.syre_mid_sigma}.get(m)
         for (name, p0), b, g, p in zip(init.named_parameters(), before, grads, methods.net.params(), strict=True):
             assert torch.equal(b[k], p0.detach())  # every method starts from its seed's init
             std = float(p0.detach().double().std())
@@ -260,3 +261,15 @@ def test_claims_report_a_worse_syre_as_contradicted_and_the_mechanism_from_the_d
     flipped = {m: 1 - v for m, v in surface.items()}
     mech = [c for c in P.claims(_fake_results(acc, flipped), cfg) if "(a) mechanism" in c.claim]
     assert all(c.verdict == "contradicted" for c in mech)
+
+
+def test_sigma_sweep_finding_follows_the_trainability_order():
+    base = {"plain": 0.2, "l2": 0.7, "l2_init": 0.8, "shrink_perturb": 0.75, "cbp": 0.9}
+    surface = {m: 0.1 for m in (*base, "syre_small", "syre", "syre_mid", "syre_large")}
+    cfg = replace(P.CONFIGS["quick"], last=2)
+    rising = {**base, "syre_small": 0.3, "syre": 0.4, "syre_mid": 0.5, "syre_large": 0.6}
+    (up,) = [c for c in P.claims(_fake_results(rising, surface), cfg) if "σ₀ sweep" in c.claim]
+    assert up.verdict == "reproduced" and up.mean == pytest.approx(1.0) and up.seeds == 5
+    falling = {**base, "syre_small": 0.6, "syre": 0.5, "syre_mid": 0.4, "syre_large": 0.3}
+    (down,) = [c for c in P.claims(_fake_results(falling, surface), cfg) if "σ₀ sweep" in c.claim]
+    assert down.verdict == "contradicted"

@@ -14,12 +14,13 @@ towards 0, torch ``weight_decay=λ``, i.e. L + γ‖θ‖² with γ = λ/2); L2-
 weights, :func:`mirrorsym.constrain.l2_init`); shrink-and-perturb
 (:func:`mirrorsym.constrain.shrink_and_perturb`, decay towards 0 plus lr·noise·σ·ξ per step); continual
 backprop (:class:`~mirrorsym.experiments.continual.ContinualBackprop`); and symmetry removal
-(:func:`mirrorsym.remove_symmetries`, decay towards a fixed random θ₀ with σ₀ = sigma × init std) twice:
+(:func:`mirrorsym.remove_symmetries`, decay towards a fixed random θ₀ with σ₀ = sigma × init std):
 ``syre`` at the library default sigma = 0.01 and ``syre_large`` at ``syre_large_sigma`` (1 × init std),
-which is close to L2-Init (decay towards a random point of the init's size). The decay methods share λ
-and take the library's optimizer-mode step (a decoupled step φ ← φ − lr·λ(φ − θ₀) after each SGD step;
-for SGD that is the objective L + (λ/2)‖φ − θ₀‖²). The centres θ₀, the noise scales σ and the noise
-generators are the library's own (each copy's θ₀ is ``remove_symmetries(copy, ...).offsets``).
+with two more points of a σ₀ sweep (``syre_small`` 0.001, ``syre_mid`` 0.1); ``syre_large`` is close to
+L2-Init (decay towards a random point of the init's size). The decay methods share λ and take the
+library's optimizer-mode step (a decoupled step φ ← φ − lr·λ(φ − θ₀) after each SGD step; for SGD that is
+the objective L + (λ/2)‖φ − θ₀‖²). The centres θ₀, the noise scales σ and the noise generators are the
+library's own (each copy's θ₀ is ``remove_symmetries(copy, ...).offsets``).
 
 Engine: ``ctx.sweep`` is not used: task switches and method-specific steps (decoupled decay, noise,
 unit replacement) do not fit its grid of optimizer settings. Instead every (method, seed) pair is one copy
@@ -106,10 +107,14 @@ NAME = "plasticity"
 TITLE = ("Loss of plasticity: units on symmetric surfaces vs trainability; plain SGD, L2, L2-Init, "
          "shrink-and-perturb, CBP, syre (default and large σ₀)")
 
-METHODS = ("plain", "l2", "l2_init", "shrink_perturb", "cbp", "syre", "syre_large")
+METHODS = ("plain", "l2", "l2_init", "shrink_perturb", "cbp", "syre", "syre_large", "syre_small", "syre_mid")
 LABELS = {"plain": "plain SGD", "l2": "L2", "l2_init": "L2-Init", "shrink_perturb": "shrink & perturb",
           "cbp": "continual backprop", "syre": "syre, σ₀ = 0.01 × init std (library default)",
-          "syre_large": "syre, larger σ₀ (syre_large_sigma × init std)"}
+          "syre_large": "syre, larger σ₀ (syre_large_sigma × init std)",
+          "syre_small": "syre, σ₀ = 0.001 × init std (σ₀ sweep)", "syre_mid": "syre, σ₀ = 0.1 × init std (σ₀ sweep)"}
+#: the σ₀ sweep: syre method → its σ₀ / init std field of Config, in increasing σ₀
+SIGMA_SWEEP = (("syre_small", "syre_small_sigma"), ("syre", "syre_sigma"), ("syre_mid", "syre_mid_sigma"),
+               ("syre_large", "syre_large_sigma"))
 #: per-copy metrics, each a list over tasks
 METRICS = ("final_acc", "online_acc", "surface_theta", "surface_psi", "dead_theta", "dup_theta", "dead_psi",
            "dup_psi", "distinct", "dead", "act_dead", "dormant", "eff_rank", "weight_norm", "psi_norm",
@@ -146,6 +151,8 @@ class Config:
     cbp_maturity: int = 50
     syre_sigma: float = 0.01  # "syre": the library default σ₀ / init std
     syre_large_sigma: float = 1.0  # "syre_large": a larger σ₀ / init std (L2-Init-like)
+    syre_small_sigma: float = 0.001  # σ₀ sweep points beside the default and the large one
+    syre_mid_sigma: float = 0.1
     probe: int = 500
     acc_margin: float = 0.2
     rho_threshold: float = -0.5  # (a)/(d): mean Spearman ρ must lie below this (sign-adjusted: above −this)
@@ -215,8 +222,8 @@ class Methods:
                 self.coupled[k] = lam
             elif m == "l2_init":
                 handle = l2_init(model, mode="optimizer", weight_decay=lam)
-            elif m in ("syre", "syre_large"):
-                sigma = cfg.syre_sigma if m == "syre" else cfg.syre_large_sigma
+            elif m in dict(SIGMA_SWEEP):
+                sigma = getattr(cfg, dict(SIGMA_SWEEP)[m])
                 handle = remove_symmetries(model, sigma=sigma, seed=_seed(cfg, s, 3), mode="optimizer",
                                            weight_decay=lam)
             elif m == "shrink_perturb":
@@ -547,4 +554,16 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
                                [a / b if b > 0 else None for a, b in zip(d_l2, d_sy, strict=True)],
                                statistic="closest-pair swap-surface distance on θ after the last task, L2 / syre_large",
                                better="lower", threshold=0.1, contradict=1.0))
+        sweep = [(m, getattr(cfg, f)) for m, f in SIGMA_SWEEP if m in methods]
+        if len(sweep) >= 3:
+            trs = np.stack([tr(m) for m, _ in sweep])  # (σ₀ values, seeds)
+            rho = [spearman(np.arange(len(sweep), dtype=float), trs[:, k]) for k in range(trs.shape[1])]
+            out.append(finding(
+                f"{s}: σ₀ sweep: trainability rises with syre's offset scale σ₀ "
+                f"({', '.join(f'{v:g}' for _, v in sweep)} × init std)", f"ρ > {-cfg.rho_threshold:g}",
+                {"trainability": {f"{v:g}": float(tr(m).mean()) for m, v in sweep},
+                 "surface_psi": {f"{v:g}": float(mean_of(m, "surface_psi").mean()) for m, v in sweep}},
+                [r if r is not None and math.isfinite(r) else None for r in rho],
+                statistic="Spearman ρ between σ₀ and trainability over the sweep, per seed", better="higher",
+                threshold=-cfg.rho_threshold, contradict=0.0))
     return out

@@ -12,7 +12,7 @@ import transformers as hf
 from torch import nn
 
 import mirrorsym.detect.find as find
-from mirrorsym.core.mirror import output_change
+from mirrorsym.core.mirror import OutputReference, output_change
 from mirrorsym.detect import DetectWarning, find_symmetries
 from mirrorsym.detect.find import VERIFY_TOL, verify_groups
 
@@ -257,16 +257,22 @@ def test_symmetry_map_verify_takes_the_same_path(monkeypatch):
 
 
 def test_one_pass_comparison_equals_output_change():
+    """The reference used by verification (clean outputs checked once) against an independent numpy
+    computation of max|Δy| / max|y0| (integer outputs: 0 if equal, else ∞; non-finite after: ∞)."""
     torch.manual_seed(0)
     y0 = (torch.randn(3, 4, dtype=torch.float64), torch.arange(5), torch.zeros(0))
-    ref = find._Reference(y0)
-    for y1 in [
-        (y0[0] + 1e-9 * torch.randn(3, 4, dtype=torch.float64), y0[1].clone(), y0[2]),
-        (y0[0].clone(), y0[1] + 1, y0[2]),
-        (torch.full((3, 4), float("nan"), dtype=torch.float64), y0[1], y0[2]),
-        (y0[0] * float("inf"), y0[1], y0[2]),
-    ]:
-        assert ref.change(y1) == output_change(y0, y1)
+    ref = OutputReference(y0)
+    noise = 1e-9 * torch.randn(3, 4, dtype=torch.float64)
+    a0 = y0[0].numpy()
+    cases = [
+        ((y0[0] + noise, y0[1].clone(), y0[2]), float(abs(noise.numpy()).max() / abs(a0).max())),
+        ((y0[0].clone(), y0[1] + 1, y0[2]), float("inf")),
+        ((torch.full((3, 4), float("nan"), dtype=torch.float64), y0[1], y0[2]), float("inf")),
+        ((y0[0] * float("inf"), y0[1], y0[2]), float("inf")),
+    ]
+    for y1, expected in cases:
+        assert ref.change(y1) == pytest.approx(expected, rel=1e-12)
+        assert output_change(y0, y1) == pytest.approx(expected, rel=1e-12)
 
 
 def test_nonfinite_weights_are_still_refused():

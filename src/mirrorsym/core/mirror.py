@@ -274,24 +274,40 @@ def output_change(before: object, after: object) -> float:
     """max over outputs of max|after − before| / max(max|before|, tiny): the relative change that every
     invariance check in mirrorsym reports. Integer outputs count 0 if equal, else ∞. Non-finite
     ``before`` raises :class:`~mirrorsym.core.finite.NonFiniteError`; non-finite ``after`` is ∞."""
-    ys0, ys1 = _flatten_outputs(before), _flatten_outputs(after)
-    if len(ys0) != len(ys1):
-        raise ValueError(f"the function returned {len(ys0)} outputs before and {len(ys1)} after the change")
-    check_finite([(f"output {i} (shape {tuple(y.shape)})", y) for i, y in enumerate(ys0)], "model")
-    worst = 0.0
-    for y0, y1 in zip(ys0, ys1, strict=True):
-        if y0.shape != y1.shape:
-            raise ValueError(f"an output changed shape: {tuple(y0.shape)} vs {tuple(y1.shape)}")
-        if y0.numel() == 0:
-            continue
-        if not y0.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(y0, y1) else math.inf)
-            continue
-        if not bool(torch.isfinite(y1).all()):
-            return math.inf
-        scale = max(float(y0.abs().max()), torch.finfo(y0.dtype).tiny)
-        worst = max(worst, float((y1 - y0).abs().max()) / scale)
-    return worst
+    return OutputReference(before).change(after)
+
+
+class OutputReference:
+    """Clean outputs checked once (finite, else :class:`~mirrorsym.core.finite.NonFiniteError`) with their
+    scales, so that many perturbed outputs are compared against them cheaply: ``change(after)`` is
+    :func:`output_change` ``(before, after)``."""
+
+    def __init__(self, before: object) -> None:
+        self.ys = _flatten_outputs(before)
+        check_finite([(f"output {i} (shape {tuple(y.shape)})", y) for i, y in enumerate(self.ys)], "model")
+        self.scales = [
+            max(float(y.abs().max()), torch.finfo(y.dtype).tiny) if y.is_floating_point() and y.numel() else 0.0
+            for y in self.ys
+        ]
+
+    def change(self, after: object) -> float:
+        ys = _flatten_outputs(after)
+        if len(ys) != len(self.ys):
+            raise ValueError(f"the function returned {len(self.ys)} outputs before and {len(ys)} after the change")
+        worst = 0.0
+        for y0, y1, scale in zip(self.ys, ys, self.scales, strict=True):
+            if y0.shape != y1.shape:
+                raise ValueError(f"an output changed shape: {tuple(y0.shape)} vs {tuple(y1.shape)}")
+            if y0.numel() == 0:
+                continue
+            if not y0.is_floating_point():
+                worst = max(worst, 0.0 if torch.equal(y0, y1) else math.inf)
+                continue
+            d = float((y1 - y0).abs().max())  # NaN or Inf in after gives NaN or Inf here
+            if not math.isfinite(d):
+                return math.inf
+            worst = max(worst, d / scale)
+        return worst
 
 
 def _flatten_outputs(y: object) -> list[torch.Tensor]:

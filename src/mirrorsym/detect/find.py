@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from ..core.finite import check_finite, check_materialized, check_module_finite
-from ..core.mirror import _flatten_outputs
+from ..core.mirror import OutputReference, _flatten_outputs
 from .context import ANY, NEG, NONE, POS
 from .groups import Member, Rotation, SymmetryGroup, make_group, random_elements
 from .smap import SymmetryMap
@@ -180,7 +180,7 @@ def verify_groups(
     base, forward = verification_baseline(model, inputs, kwargs)
     y0 = forward()
     _warn_if_zero(y0)
-    ref = _Reference(y0)
+    ref = OutputReference(y0)
     del y0
     gen = torch.Generator().manual_seed(seed)
     errors = []
@@ -190,39 +190,6 @@ def verify_groups(
             g.apply_(base, element)
             errors.append(ref.change(forward()))
     return errors
-
-
-class _Reference:
-    """The clean outputs, checked once (finite, else :class:`~mirrorsym.core.finite.NonFiniteError`), with
-    their scales: ``change(y)`` is :func:`~mirrorsym.core.mirror.output_change` of the clean outputs and
-    ``y`` (the same number) in one pass over ``y`` instead of four."""
-
-    def __init__(self, y0) -> None:
-        self.ys = _flatten_outputs(y0)
-        check_finite([(f"output {i} (shape {tuple(y.shape)})", y) for i, y in enumerate(self.ys)], "model")
-        self.scales = [
-            max(float(y.abs().max()), torch.finfo(y.dtype).tiny) if y.is_floating_point() and y.numel() else 0.0
-            for y in self.ys
-        ]
-
-    def change(self, y) -> float:
-        ys = _flatten_outputs(y)
-        if len(ys) != len(self.ys):
-            raise ValueError(f"the function returned {len(self.ys)} outputs before and {len(ys)} after the change")
-        worst = 0.0
-        for y0, y1, scale in zip(self.ys, ys, self.scales, strict=True):
-            if y0.shape != y1.shape:
-                raise ValueError(f"an output changed shape: {tuple(y0.shape)} vs {tuple(y1.shape)}")
-            if y0.numel() == 0:
-                continue
-            if not y0.is_floating_point():
-                worst = max(worst, 0.0 if torch.equal(y0, y1) else math.inf)
-                continue
-            d = float((y1 - y0).abs().max())  # NaN or Inf in y1 gives NaN or Inf here
-            if not math.isfinite(d):
-                return math.inf
-            worst = max(worst, d / scale)
-        return worst
 
 
 def _check_module_finite(model: nn.Module) -> None:
@@ -731,7 +698,7 @@ def _verify_blockwise(
         for h in handles:
             h.remove()
     _warn_if_zero(y0)
-    ref = _Reference(y0)
+    ref = OutputReference(y0)
     del y0
 
     def block_of(path: str) -> str:
@@ -758,7 +725,7 @@ def _verify_blockwise(
             with sw.swapped(sw.float64_tensors(module, True, base)), torch.no_grad():
                 a, k = _clone_tree(args), _clone_tree(kwargs_)
                 with memo.active("record" if leaf_memo else "", (a, k)):
-                    b0 = _Reference(_no_none(module(*a, **k)))
+                    b0 = OutputReference(_no_none(module(*a, **k)))
             for i in idx:
                 sw.set_group(groups[i], elements[i], model)
                 cache = {k: v for k, v in base.items() if k not in sw.members}

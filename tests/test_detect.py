@@ -343,32 +343,121 @@ def test_unknown_op_warns_once_and_invents_nothing():
     assert_groups_preserve_outputs(model, x, smap)
 
 
-class Cube(nn.Module):
+class Even(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
     def forward(self, x):
-        return x**3 + 0.5 * torch.sin(x)
+        return self.fn(x)
 
 
-def _cube_net():
-    return nn.Sequential(nn.Linear(3, 6), Cube(), nn.Linear(6, 2))
+@pytest.fixture(params=["export", "fx"])
+def trace(request, monkeypatch):
+    """Run a test through torch.export and, with export made to fail, through the torch.fx fallback."""
+    if request.param == "fx":
+        import mirrorsym.detect.trace as tracing
+
+        def no_export(*args, **kwargs):
+            raise RuntimeError("export switched off for this test")
+
+        monkeypatch.setattr(tracing, "export", no_export)
+    return request.param
+
+
+@pytest.mark.parametrize("fn", [torch.abs, torch.square, lambda x: x**2, lambda x: x.pow(4), torch.cos],
+                         ids=["abs", "square", "pow2", "pow4", "cos"])
+def test_even_activation_flips_the_incoming_weights_only(fn, trace):
+    """f(−x) = f(x): flipping a unit's incoming row and bias changes nothing, and nothing after the even
+    function moves (the next Linear's columns stay): a sign_flip of the first layer alone, beside the
+    permutation of the units."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), Even(fn), nn.Linear(6, 2))
+    x = torch.randn(5, 3)
+    smap = find_quiet(model, x)
+    assert kinds(smap) == {"permutation": 1, "sign_flip": 1}
+    assert set(smap.by_kind("sign_flip")[0].params) == {"0.weight", "0.bias"}
+    assert_groups_preserve_outputs(model, x, smap)
+
+
+def test_odd_power_passes_sign_flips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), Even(lambda x: x**3), nn.Linear(6, 2))
+    x = torch.randn(5, 3)
+    smap = find_quiet(model, x)
+    assert kinds(smap) == {"permutation": 1, "sign_flip": 1}
+    assert set(smap.by_kind("sign_flip")[0].params) == {"0.weight", "0.bias", "2.weight"}
+    assert_groups_preserve_outputs(model, x, smap)
+
+
+class Residual(nn.Module):
+    """A residual stream of width 6 through a norm: inp writes it, the norm reads it for f, out reads it."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.inp, self.norm, self.f, self.out = nn.Linear(3, 6), norm, nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f(self.norm(h))
+        return self.out(h)
+
+
+def test_rms_norm_lets_the_stream_flip_signs_layer_norm_does_not(trace):
+    """x / rms(x) is odd in each coordinate: the stream's sign flip moves inp's rows and bias, f's rows and
+    bias (it writes the stream), out's columns (it reads it) and the RMSNorm weight, which takes the flip
+    back so that f's columns stay. Without a weight the flip goes through the norm to f's columns. LayerNorm
+    subtracts the mean of the coordinates: no sign flip."""
+    x = torch.randn(5, 3)
+    torch.manual_seed(0)
+    model = Residual(nn.RMSNorm(6))
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    smap = find_quiet(model, x)
+    stream = {"inp.weight", "inp.bias", "f.weight", "f.bias", "out.weight"}
+    assert set(smap.by_kind("sign_flip")[0].params) == stream | {"norm.weight"}
+    assert smap.by_kind("sign_flip")[0].params["f.weight"][0] == 0  # f's rows only: its columns stay
+    assert_groups_preserve_outputs(model, x, smap)
+    torch.manual_seed(0)
+    bare = Residual(nn.RMSNorm(6, elementwise_affine=False))
+    smap = find_quiet(bare, x)
+    flip = smap.by_kind("sign_flip")[0]
+    assert set(flip.params) == stream and {m.dim for m in flip.members if m.name == "f.weight"} == {0, 1}
+    assert_groups_preserve_outputs(bare, x, smap)
+    torch.manual_seed(0)
+    layer_norm = Residual(nn.LayerNorm(6))
+    assert not find_quiet(layer_norm, x).by_kind("sign_flip")
+
+
+class SignedSquare(nn.Module):
+    """x|x| + sin(x)/2: odd, but built from a product of two activations, which the built-in rules only
+    let permutations through."""
+
+    def forward(self, x):
+        return x * x.abs() + 0.5 * torch.sin(x)
+
+
+def _signed_square_net():
+    return nn.Sequential(nn.Linear(3, 6), SignedSquare(), nn.Linear(6, 2))
 
 
 def test_register_rule_for_a_custom_layer():
     x = torch.randn(5, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectWarning)
-        before = find_symmetries(_cube_net(), x)  # pow has no rule: no sign flip is claimed
+        before = find_symmetries(_signed_square_net(), x)  # no built-in rule sees that it is odd
     assert "sign_flip" not in kinds(before)
 
-    class OddCube(Cube):
+    class OddSignedSquare(SignedSquare):
         pass
 
-    @register_rule(OddCube)
+    @register_rule(OddSignedSquare)
     def _odd(ctx):
         x_, y = ctx.inputs[0], ctx.output
         for d in range(y.ndim):
             ctx.elementwise(x_, d, y, d, ms.detect.NEG, linear=False)
 
-    model = nn.Sequential(nn.Linear(3, 6), OddCube(), nn.Linear(6, 2))
+    model = nn.Sequential(nn.Linear(3, 6), OddSignedSquare(), nn.Linear(6, 2))
     smap = find_quiet(model, x)
     assert kinds(smap) == {"permutation": 1, "sign_flip": 1}
     assert_groups_preserve_outputs(model, x, smap)

@@ -117,11 +117,16 @@ def test_llama_grouped_query_attention(float64_norms):
     * scale 128: up rows x d, down columns / d (y = silu(gate) * up is linear in up); the gate rows only
       permute (silu);
     * permutation 2: the KV heads, each with its query heads (q rows of heads 2g, 2g+1; k, v rows; o columns);
-    * permutation 2: the query heads within a KV group (q rows and o columns; the same swap in both groups);
+    * permutation 2 x 2: the query heads within each KV group, one group per KV head (its q rows and o
+      columns; the two KV groups permute independently);
     * rotation 16 x 2: per KV head, v rows and the o columns of both its query heads;
     * scale 64: input_layernorm weight x d, q/k/v columns / d;  scale 64: post_attention_layernorm weight
       with the gate/up columns.
-    Global: permutation 64 (the stream), scale 64 (final norm weight with lm_head columns).
+    Global: permutation 64 (the stream), scale 64 (final norm weight with lm_head columns), sign_flip 64: the
+    stream's signs. RMSNorm divides by rms(x), an even function of each coordinate, so flipping x_i flips
+    the normalised x_i, which the norm weight w_i takes back (w_i → −w_i). The group flips the embedding's
+    columns, the rows of every o_proj and down_proj (they write the stream) and every norm weight (5); the
+    projections that read the norms' outputs do not change. (LayerNorm subtracts the mean: no sign flips.)
     No q/k rotation: RoPE rotates pairs of q/k coordinates by position-dependent angles (it pins the head dim).
     """
     model = llama()
@@ -130,10 +135,11 @@ def test_llama_grouped_query_attention(float64_norms):
     assert kinds(smap) == {
         ("permutation", 128): 2,
         ("scale", 128): 2,
-        ("permutation", 2): 4,
+        ("permutation", 2): 6,
         ("rotation", 16): 4,
         ("scale", 64): 5,
         ("permutation", 64): 1,
+        ("sign_flip", 64): 1,
     }
     L = "model.layers.0."
     # no group touches q or k through a rotation (RoPE)
@@ -143,7 +149,16 @@ def test_llama_grouped_query_attention(float64_norms):
     assert kv_heads[0].params[L + "self_attn.q_proj.weight"] == (0, rows(0, 64))
     assert [m.index.shape for m in kv_heads[0].members if m.name == L + "self_attn.q_proj.weight"] == [(2, 32)]
     within = [g for g in of(smap, "permutation", 2, L + "self_attn.q_proj.weight") if g not in kv_heads]
-    assert len(within) == 1 and set(within[0].params) == {L + "self_attn.q_proj.weight", L + "self_attn.o_proj.weight"}
+    assert len(within) == 2
+    for g, kv_head in zip(within, range(2), strict=True):  # q heads 2g, 2g+1 (32 rows), o columns alike
+        assert set(g.params) == {L + "self_attn.q_proj.weight", L + "self_attn.o_proj.weight"}
+        assert g.params[L + "self_attn.q_proj.weight"] == (0, rows(32 * kv_head, 32))
+        assert g.params[L + "self_attn.o_proj.weight"] == (1, rows(32 * kv_head, 32))
+    signs = of(smap, "sign_flip", 64)[0]
+    norms = {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    writers = {f"model.layers.{i}.{p}.weight" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")}
+    assert set(signs.params) == {"model.embed_tokens.weight", "model.norm.weight"} | norms | writers
+    assert signs.params["model.embed_tokens.weight"][0] == 1 and signs.params[L + "mlp.down_proj.weight"][0] == 0
     vo = of(smap, "rotation", 16, L + "self_attn.v_proj.weight")
     assert [g.params[L + "self_attn.v_proj.weight"] for g in vo] == [(0, rows(0, 16)), (0, rows(16, 16))]
     assert [g.params[L + "self_attn.o_proj.weight"] for g in vo] == [(1, rows(0, 32)), (1, rows(32, 32))]
@@ -161,7 +176,8 @@ def test_llama_grouped_query_attention(float64_norms):
 def test_mistral_single_kv_head(float64_norms):
     """Mistral with one KV head (multi-query): as Llama, but the four query heads all share the KV head:
     per layer one permutation 4 of the query heads (q rows, o columns; k/v have nothing to permute) and one
-    v/o rotation 16 (v rows, the o columns of all four query heads); no KV-head permutation."""
+    v/o rotation 16 (v rows, the o columns of all four query heads); no KV-head permutation. The stream's
+    sign flip through the RMSNorms, as for Llama."""
     torch.manual_seed(0)
     cfg = hf.MistralConfig(
         hidden_size=64,
@@ -184,6 +200,7 @@ def test_mistral_single_kv_head(float64_norms):
         ("rotation", 16): 2,
         ("scale", 64): 5,
         ("permutation", 64): 1,
+        ("sign_flip", 64): 1,
     }
     heads = of(smap, "permutation", 4, "model.layers.1.self_attn.q_proj.weight")[0]
     assert set(heads.params) == {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"}
@@ -197,7 +214,9 @@ def test_qwen2_biases_and_tied_embeddings(float64_norms):
     with their rows (the v bias rotates with v). Tied: lm_head.weight is model.embed_tokens.weight, which
     both writes the stream (embedding) and reads the final norm's output, so the final norm's scale group
     would have to rescale the embedding too: it is not a symmetry and is not reported (6 scale groups, not
-    7). The stream permutation moves the tied matrix once."""
+    7). The stream permutation moves the tied matrix once. The stream's sign flip (as for Llama) flips the
+    tied matrix's columns, which also flips the LM head's reading of the final norm's output: so there the
+    sign must pass through the final norm (its weight stays), while the layers' norm weights take it."""
     torch.manual_seed(0)
     cfg = hf.Qwen2Config(
         hidden_size=64,
@@ -217,12 +236,16 @@ def test_qwen2_biases_and_tied_embeddings(float64_norms):
     assert kinds(smap) == {
         ("permutation", 128): 2,
         ("scale", 128): 2,
-        ("permutation", 2): 4,
+        ("permutation", 2): 6,
         ("rotation", 16): 4,
         ("scale", 64): 4,
         ("permutation", 64): 1,
+        ("sign_flip", 64): 1,
     }
     assert not of(smap, "scale", 64, "model.norm.weight")
+    signs = of(smap, "sign_flip", 64)[0]
+    assert "model.embed_tokens.weight" in signs.params and "model.layers.1.input_layernorm.weight" in signs.params
+    assert "model.norm.weight" not in signs.params
     vo = of(smap, "rotation", 16, "model.layers.0.self_attn.v_proj.bias")
     assert [g.params["model.layers.0.self_attn.v_proj.bias"] for g in vo] == [(0, rows(0, 16)), (0, rows(16, 16))]
     stream = of(smap, "permutation", 64)[0]
@@ -517,13 +540,14 @@ class GQAttention(nn.Module):
 def test_sdpa_enable_gqa_reads_like_repeat_kv():
     """Per KV head: a q.k rotation (its k rows and the q rows of both its query heads) and a v.o rotation
     (its v rows, the o columns of both query heads); the KV heads permute with their query heads, and the
-    query heads within a group permute (q rows, o columns); tanh units of inp and o: permutation and sign
-    flip each. enable_gqa=True gives exactly the groups of the explicit expand."""
+    query heads within each group permute (q rows, o columns; one permutation per KV head); tanh units of
+    inp and o: permutation and sign flip each. enable_gqa=True gives exactly the groups of the explicit
+    expand."""
     x = torch.randn(2, 5, 5)
     torch.manual_seed(0)
     model = GQAttention(True)
     smap = find_quiet(model, x)
-    assert kinds(smap) == {("rotation", 4): 4, ("permutation", 2): 2, ("permutation", 16): 2, ("sign_flip", 16): 2}
+    assert kinds(smap) == {("rotation", 4): 4, ("permutation", 2): 3, ("permutation", 16): 2, ("sign_flip", 16): 2}
     qk = of(smap, "rotation", 4, "q.weight")
     assert [g.params["k.weight"] for g in qk] == [(0, rows(0, 4)), (0, rows(4, 4))]
     assert [g.params["q.weight"] for g in qk] == [(0, rows(0, 8)), (0, rows(8, 8))]

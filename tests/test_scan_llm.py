@@ -38,7 +38,8 @@ def test_scan_a_saved_tiny_llama(tmp_path, monkeypatch):
     rows = re.findall(r"│\s*\d+\s*│\s*(\w+)\s*│\s*(\d+)\s*│.*│\s*([\d.e+-]+)\s*│", result.output)
     kinds = collections.Counter((kind, int(size)) for kind, size, _ in rows)
     # per layer: SwiGLU units (permutation 128, up/down scale 128), KV heads with their query heads
-    # (permutation 2), query heads within a KV group (permutation 2), v.o rotation per KV head (16 x 2)
-    assert kinds == {("permutation", 128): 2, ("scale", 128): 2, ("permutation", 2): 4, ("rotation", 16): 4}
+    # (permutation 2), query heads within each KV group (permutation 2, one per KV head), v.o rotation per
+    # KV head (16 x 2)
+    assert kinds == {("permutation", 128): 2, ("scale", 128): 2, ("permutation", 2): 6, ("rotation", 16): 4}
     assert all(float(err) <= 1e-6 for _, _, err in rows)
-    assert "Total: 12 symmetry groups (6 permutation, 4 rotation, 2 scale)" in result.output
+    assert "Total: 14 symmetry groups (8 permutation, 4 rotation, 2 scale)" in result.output

@@ -151,16 +151,14 @@ _reg(
         "log.default",
         "log1p.default",
         "expm1.default",
-        "abs.default",
         "sqrt.default",
         "rsqrt.default",
         "reciprocal.default",
-        "square.default",
-        "cos.default",
-        "pow.Tensor_Scalar",
     ],
     R._unary(NONE, False),
 )
+_reg(["abs.default", "square.default", "cos.default"], R._even)
+_reg(["pow.Tensor_Scalar"], R._pow)
 
 
 def _to(ctx: RuleContext) -> None:
@@ -371,10 +369,12 @@ def _mul(ctx: RuleContext) -> None:
     for d in range(y.ndim):
         k1, k2 = R._aligned(s1, y, d), R._aligned(s2, y, d)
         if kind == "affine" and d == y.ndim - 1 and k1 is not None:  # (it is: x's last dim is y's, size > 1)
-            # y = w ⊙ normalised(x): w writes the units (like nn.LayerNorm's weight); the normalised
-            # activation passes nothing per-unit (its statistics mix the units)
+            # y = w ⊙ normalised(x): w writes the units (like nn.LayerNorm's weight); a per-unit sign that
+            # reached the normalised activation (RMSNorm: x / rms(x), the statistics are even) is absorbed
+            # by w; what reached it is decided upstream (a LayerNorm's mean subtraction stops everything)
             ctx.same(s1, k1, y, d)
-            ctx.stop(s1, k1)
+            ctx.add_member(s1, k1, s2, 0, "absorb")
+            ctx.stop_rotation(s1, k1)
             ctx.source(s2, 0, y, d, rotation=False)
         elif kind == "gate" and k1 is not None and k2 is not None:
             # y = act(g) ⊙ u: scaling u's units scales y's (read back by the next Linear); not rotations

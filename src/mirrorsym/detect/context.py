@@ -69,6 +69,7 @@ class Events:
     constraints: list[tuple] = field(default_factory=list)  # (node, group, rotation_ok)
     members: list[tuple] = field(default_factory=list)  # (node, param, dim, role) role: source|sink|bn_exit
     passive: list[tuple] = field(default_factory=list)  # (node, param, dim)
+    absorbing: list[tuple] = field(default_factory=list)  # nodes read by an even function (they read the sign)
 
 
 class RuleContext:
@@ -169,6 +170,14 @@ class RuleContext:
         for d in dims:
             self.detector.events.constraints.append((self._node(t, d), NONE, False))
 
+    def absorb_signs(self, t: TensorAxes, dim: int) -> None:
+        """An even function reads ``t[dim]`` (x², |x|): sign flips of its units stop there without a trace
+        (the even function is a reader that absorbs them), so only sign flips may pass through this node
+        (other scalings and rotations would change the result)."""
+        node = self._node(t, dim)
+        self.detector.events.constraints.append((node, NEG, False))
+        self.detector.events.absorbing.append(node)
+
     def stop_rotation(self, t: TensorAxes, dim: int) -> None:
         """Per-unit scalings still pass at ``t[dim]``, rotations do not."""
         self.detector.events.constraints.append((self._node(t, dim), ANY, False))
@@ -202,8 +211,11 @@ class RuleContext:
         self.detector.events.members.append((self._node(x, xdim), p.param, p.dim(pdim), "sink"))
 
     def add_member(self, t: TensorAxes, d: int, p: TensorAxes | None, pdim: int, role: str) -> None:
-        """Record ``p[pdim]`` as a ``role`` ("source" | "sink") of the units of ``t[d]`` without uniting
-        the two dims (for composite rules that split ``p[pdim]`` themselves)."""
+        """Record ``p[pdim]`` as a ``role`` of the units of ``t[d]`` without uniting the two dims (for
+        composite rules that split ``p[pdim]`` themselves). Roles: "source" | "sink" (as :meth:`source`,
+        :meth:`sink`) and "absorb": an elementwise weight ``p ⊙ t`` that takes ``t``'s per-unit sign (or
+        scale) into itself, so that its product with ``t`` does not change (an RMSNorm weight reading the
+        normalised stream); a weight that absorbs and writes the units of one segment stays unchanged."""
         if p is not None:
             self.detector.events.members.append((self._node(t, d), p.param, p.dim(pdim), role))
 

@@ -859,8 +859,18 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         for leaf in _leaves(det, atoms):
             touch(leaf, key)
             members[(leaf, key)].add((name, dim, role))
+    absorbing = set()
+    for key, atoms in det.events.absorbing:
+        for leaf in _leaves(det, atoms):
+            touch(leaf, key)
+            absorbing.add((leaf, key))
     _merge_shared_members(det, seg, members, nodes_of_leaf)
+    reading = contracted | absorbing  # nodes whose consumer reads the units without a parameter
 
+    values_of: dict[int, list] = defaultdict(list)  # leaf -> the activations that carry it
+    for vid, t in det.values.items():
+        for leaf in _leaves(det, [a for d in t.dims for a in d]):
+            values_of[leaf].append(("v", vid, 0))
     groups: list[SymmetryGroup] = []
     for leaf in sorted(nodes_of_leaf.keys() | coords.keys()):
         r = store.find(leaf)
@@ -877,13 +887,13 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         for keys in segments.values():
             seg_groups.extend(
                 _segment_groups(
-                    det, leaf, n, keys, group, rot, contracted, members, coords, is_buffer, bn_eps
+                    det, leaf, n, keys, group, rot, reading, members, coords, is_buffer, bn_eps
                 )
             )
         rotations = [g for g in seg_groups if isinstance(g, Rotation)]
         covered = {m.name for g in rotations for m in g.members}
         if not (rotations and all(m.name in covered for m in class_members if not m.buffer)):
-            groups.append(make_group("permutation", n, class_members, _layers(class_members)))
+            groups.extend(_permutation_groups(det, leaf, n, class_members, coords.get(leaf, []), values_of))
         groups.extend(seg_groups)
     order = {name: i for i, name in enumerate(det._param_axes)}  # first use in the forward pass
     for i, g in enumerate(groups):
@@ -965,30 +975,39 @@ def _layers(members: list[Member]) -> list[str]:
     return list(seen)
 
 
-def _segment_groups(det, leaf, n, keys, group, rot, contracted, members, coords, is_buffer, bn_eps):
+def _segment_groups(det, leaf, n, keys, group, rot, reading, members, coords, is_buffer, bn_eps):
     """The diagonal (sign_flip / rescale / scale / bn_scale) or rotation group of one segment."""
     g = ANY
     r = True
-    has_contract = False
-    roles: dict[tuple[str, int], str] = {}
+    read = False  # a contraction (q·k) or an even function reads the units
+    found: dict[tuple[str, int], set[str]] = {}
+    direct: list[tuple[str, int]] = []
     bn_paths: list[str] = []
     for key in keys:
         g &= group[(leaf, key)]
         r = r and rot[(leaf, key)]
-        has_contract |= (leaf, key) in contracted
+        read |= (leaf, key) in reading
         if key[0] == "p":  # a parameter used directly as an operand of a contraction
-            roles.setdefault((key[1], key[2]), "source")
+            direct.append((key[1], key[2]))
         for name, dim, role in members.get((leaf, key), ()):
             if role == "bn_exit":
                 bn_paths.append(name)
-                continue
-            old = roles.setdefault((name, dim), role)
-            if old != role:
-                g &= NEG  # tied: the same tensor writes and reads the units; only d = 1/d = ±1 works
+            else:
+                found.setdefault((name, dim), set()).add(role)
+    for slot in direct:
+        found.setdefault(slot, {"source"})
+    roles: dict[tuple[str, int], str] = {}
+    for slot, rs in found.items():
+        if rs == {"absorb", "source"}:
+            continue  # w ⊙ t with t and w ⊙ t in this segment: the sign passes through, w stays as it is
+        rs = {"sink" if role == "absorb" else role for role in rs}
+        if len(rs) > 1:
+            g &= NEG  # tied: the same tensor writes and reads the units; only d = 1/d = ±1 works
+        roles[slot] = min(rs)  # one transform per tensor slice ("sink" or "source": equal when d = ±1)
     if not roles:
         return []
     has_source = any(role == "source" for role in roles.values())
-    has_reader = any(role == "sink" for role in roles.values()) or bn_paths or has_contract
+    has_reader = any(role == "sink" for role in roles.values()) or bn_paths or read
     if not (has_source and has_reader):
         return []
     coord_of = {(name, d): c for name, d, c in coords.get(leaf, [])}
@@ -1017,6 +1036,29 @@ def _segment_groups(det, leaf, n, keys, group, rot, contracted, members, coords,
         kind = {ANY: "scale", POS: "rescale", NEG: "sign_flip"}[g]
     grp = make_group(kind, n, out_members, _layers(out_members), signs=bool(g & NEG))
     return [grp]
+
+
+def _permutation_groups(det, leaf, n, class_members, entries, values_of):
+    """One permutation of the units, or one per head when every tensor that carries the units also carries
+    a head axis: under grouped-query attention each KV head's query heads permute among themselves,
+    independently of the other KV groups (and, alike, channels within each GroupNorm group)."""
+    keys = values_of.get(leaf, [])
+    heads = _head_axis(det, leaf, keys, entries) if keys else None
+    if heads is None:
+        return [make_group("permutation", n, class_members, _layers(class_members))]
+    head_leaf, head_coords = heads
+    out = []
+    for h in range(det.store.size[head_leaf]):
+        ms = []
+        for m, (name, dim, c) in zip(class_members, entries, strict=True):
+            idx = _index(c, n, head_coords[(name, dim)] == h)
+            if idx is None:
+                return [make_group("permutation", n, class_members, _layers(class_members))]
+            ms.append(Member(name, dim, idx, m.role, m.buffer))
+        grp = make_group("permutation", n, ms, _layers(ms))
+        grp.notes.append(f"head {h}")
+        out.append(grp)
+    return out
 
 
 def _rotation_groups(det, leaf, n, keys, roles, coord_of, is_buffer):

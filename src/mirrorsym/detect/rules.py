@@ -108,12 +108,10 @@ _PERMUTATION_ONLY = [
     F.logsigmoid,
     torch.exp,
     torch.log,
-    torch.abs,
     torch.sqrt,
-    torch.square,
-    torch.cos,
     torch.rsqrt,
 ]
+_EVEN = [torch.abs, torch.square, torch.cos]
 
 fn: object  # the loops below register rules for functions of every signature
 for fn in _POS_HOMOGENEOUS:
@@ -124,6 +122,23 @@ for fn in _LINEAR:
     register_rule(fn, _unary(ANY, True))
 for fn in _PERMUTATION_ONLY:
     register_rule(fn, _unary(NONE, False))
+
+
+def _even(ctx: RuleContext) -> None:
+    """An even elementwise function (x², |x|, cos x: f(−x) = f(x)). The result does not see the sign of its
+    input's units, so a sign flip stops here (only sign flips may reach the input); the result itself is
+    unchanged by any per-unit transform, so nothing per-unit may arrive at it either."""
+    x, y = _x(ctx), _y(ctx)
+    if x.shape != y.shape:
+        raise ValueError("shape changed")
+    for d in range(y.ndim):
+        ctx.same(x, d, y, d)
+        ctx.absorb_signs(x, d)
+        ctx.stop(y, d)
+
+
+for fn in _EVEN:
+    register_rule(fn, _even)
 
 for name in ["relu", "relu_"]:
     register_rule(name, _unary(POS, False), method=True)
@@ -142,8 +157,10 @@ for name in [
     "requires_grad_",
 ]:
     register_rule(name, _unary(ANY, True), method=True)
-for name in ["sigmoid", "exp", "log", "abs", "sqrt", "square", "cos", "rsqrt"]:
+for name in ["sigmoid", "exp", "log", "sqrt", "rsqrt"]:
     register_rule(name, _unary(NONE, False), method=True)
+for name in ["abs", "square", "cos"]:
+    register_rule(name, _even, method=True)
 
 
 @register_rule(F.hardtanh)
@@ -319,11 +336,16 @@ for name in ["tril", "triu"]:
 
 
 def _pow(ctx: RuleContext) -> None:
-    """``x ** c`` with a constant exponent: elementwise, only permutations pass (x**3 is odd, x**2 even,
-    x**0.5 positively homogeneous: one rule for all of them keeps it simple and safe)."""
+    """``x ** c`` with a constant exponent: an even integer c is an even function (the sum of squares in an
+    RMSNorm), an odd one an odd function (sign flips pass), anything else lets only permutations pass."""
     if not isinstance(ctx.args[0], TensorAxes) or isinstance(ctx.args[1], TensorAxes):
         raise UnsupportedCall("pow with a tensor exponent")
-    _unary(NONE, False)(ctx)
+    c = ctx.arg(1, "exponent")
+    integer = isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer() and c > 0
+    if integer and int(c) % 2 == 0:
+        _even(ctx)
+    else:
+        _unary(NEG if integer else NONE, False)(ctx)
 
 
 for fn in [torch.pow, operator.pow]:
@@ -868,14 +890,24 @@ def _layernorm(ctx: RuleContext) -> None:
     _norm_last(ctx, len(m.normalized_shape), ctx.param("weight"), ctx.param("bias"))
 
 
-def _norm_last(ctx: RuleContext, k: int, w, b) -> None:
+def _norm_last(ctx: RuleContext, k: int, w, b, rms: bool = False) -> None:
+    """A norm over the last ``k`` dims. Its statistics mix the units, so nothing per-unit passes, except
+    through an RMS norm (``rms``: x / rms(x), no mean subtracted) the units' signs: they go on to the output,
+    or into the weight when there is one (w ⊙ x / rms(x) is unchanged when x_i and w_i flip together)."""
     x, y = _x(ctx), _y(ctx)
     for d in range(x.ndim - k):
         _batch(ctx, x, y, [d], [d])
     for j in range(k):
         d = x.ndim - k + j
+        if rms and w is None:
+            ctx.elementwise(x, d, y, d, NEG, False)
+            continue
         ctx.same(x, d, y, d)
-        ctx.stop(x, d)  # the statistics mix the units
+        if rms and isinstance(w, TensorAxes) and w.param is not None:
+            ctx.absorb_signs(x, d)
+            ctx.add_member(x, d, w, j, "absorb")
+        else:
+            ctx.stop(x, d)
         if w is None and b is None:
             ctx.stop(y, d)
         for p in (w, b):
@@ -904,7 +936,7 @@ if hasattr(nn, "RMSNorm"):
     @register_rule(nn.RMSNorm)
     def _rmsnorm(ctx: RuleContext) -> None:
         shape = ctx.module.normalized_shape
-        _norm_last(ctx, len(shape), ctx.param("weight"), None)
+        _norm_last(ctx, len(shape), ctx.param("weight"), None, rms=True)
 
 
 @register_rule(nn.GroupNorm)

@@ -267,7 +267,10 @@ def test_find_symmetries_does_not_touch_the_model():
 def test_attention_written_with_linear_view_matmul():
     model, x = HandAttention(dim=16, heads=4), torch.randn(2, 5, 16)
     smap = find_quiet(model, x)
-    assert kinds(smap) == {"permutation": 1, "rotation": 8}
+    # the stream x is the model's input and output (its order is fixed), but the LayerNorm's affine
+    # parameters scale with the q/k/v columns that read them
+    assert kinds(smap) == {"permutation": 1, "rotation": 8, "scale": 1}
+    assert set(smap.by_kind("scale")[0].params) == {"ln.weight", "ln.bias", "q.weight", "k.weight", "v.weight"}
     heads = smap.by_kind("permutation")[0]
     assert heads.size == 4 and heads.params["o.weight"][0] == 1
     qk = [g for g in smap.by_kind("rotation") if "q.weight" in g.params]
@@ -826,4 +829,7 @@ def test_depthwise_conv_between_batchnorms_keeps_both_bn_scale_groups():
     ).eval()
     smap = ms.find_symmetries(block, torch.randn(2, 3, 6, 6))
     bn = sorted(g.layers[0] for g in smap.by_kind("bn_scale"))
-    assert bn == ["0", "3"]  # the last BatchNorm writes the model's output: its channels are fixed
+    # the last BatchNorm writes the model's output: its channels cannot be permuted, but the conv before
+    # it still scales with it (the BatchNorm's output does not change)
+    assert bn == ["0", "3", "6"]
+    assert [g.size for g in smap.by_kind("permutation")] == [8]  # the depthwise conv ties both 8-channel layers

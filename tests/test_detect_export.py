@@ -323,7 +323,13 @@ def test_t5_encoder_decoder_kwargs(float64_norms):
     """T5ForConditionalGeneration (d = 64, h = 4, d_kv = 16, d_ff = 128, 2 + 2 layers, tied), with the
     decoder inputs as keyword arguments. The output includes the encoder's last hidden state and the
     embedding is shared by encoder, decoder and LM head, so the whole stream is fixed: no stream
-    permutation, no RMSNorm scale group. Heads: the relative position bias is computed by the first layer
+    permutation. Per-unit scalings that do not reach the output remain: scale 64 for every norm read by
+    projections, encoder 2 per layer (self-attention q/k/v; FF wi), decoder 3 per layer (self-attention
+    q/k/v; cross-attention q; FF wi): 10 (the encoder's final norm writes the output; the decoder's feeds the
+    LM head, tied to the shared embedding). Sign flip 64: the stream's signs (RMSNorm), moving the shared
+    embedding's columns, every writer's rows and every norm weight except the decoder's final norm, whose
+    output the tied head reads with flipped columns; the encoder's final norm takes the flip back before
+    the output. Heads: the relative position bias is computed by the first layer
     of a stack and added in every layer, so the heads of all encoder layers permute together with the
     bias table's columns (one permutation 4), likewise the decoder's self-attention heads, and the
     decoder's cross-attention heads share their (zero) bias tensor across layers (one more). Rotations:
@@ -334,7 +340,12 @@ def test_t5_encoder_decoder_kwargs(float64_norms):
     model = hf.T5ForConditionalGeneration(cfg).eval()
     kw = {"decoder_input_ids": IDS.flip(1), "use_cache": False}
     smap = find_quiet(model, (IDS,), kw)
-    assert kinds(smap) == {("permutation", 4): 3, ("rotation", 16): 48, ("permutation", 128): 4, ("rescale", 128): 4}
+    assert kinds(smap) == {("permutation", 4): 3, ("rotation", 16): 48, ("permutation", 128): 4, ("rescale", 128): 4,
+                           ("scale", 64): 10, ("sign_flip", 64): 1}
+    signs = of(smap, "sign_flip", 64)[0]
+    assert "encoder.final_layer_norm.weight" in signs.params and "decoder.final_layer_norm.weight" not in signs.params
+    cross = "decoder.block.1.layer.1."
+    assert of(smap, "scale", 64, cross + "layer_norm.weight", cross + "EncDecAttention.q.weight")
     enc = of(smap, "permutation", 4, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")[0]
     assert "encoder.block.1.layer.0.SelfAttention.q.weight" in enc.params
     assert enc.params["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] == (1, rows(0, 4))

@@ -1,8 +1,8 @@
 """The README's `mirrorsym scan` example on a local Hugging Face folder: a tiny random Llama saved with
 save_pretrained, scanned with exactly the README's command, prints the groups derived in
 tests/test_detect_export.py for the bare decoder (AutoModel loads LlamaModel, whose output is the last
-hidden state, so the residual stream and the norms feeding it are fixed: no stream permutation, no norm
-scale groups)."""
+hidden state, so the residual stream's order is fixed: no stream permutation, and no scale group for the
+final norm, which writes the output; the other norms' scalings and the stream's sign flip remain)."""
 
 import collections
 import re
@@ -39,7 +39,9 @@ def test_scan_a_saved_tiny_llama(tmp_path, monkeypatch):
     kinds = collections.Counter((kind, int(size)) for kind, size, _ in rows)
     # per layer: SwiGLU units (permutation 128, up/down scale 128), KV heads with their query heads
     # (permutation 2), query heads within each KV group (permutation 2, one per KV head), v.o rotation per
-    # KV head (16 x 2)
-    assert kinds == {("permutation", 128): 2, ("scale", 128): 2, ("permutation", 2): 6, ("rotation", 16): 4}
+    # KV head (16 x 2), the two norms' scalings with their readers (scale 64); the stream's sign flip
+    # (the final norm's weight takes it back before the output)
+    assert kinds == {("permutation", 128): 2, ("scale", 128): 2, ("permutation", 2): 6, ("rotation", 16): 4,
+                     ("scale", 64): 4, ("sign_flip", 64): 1}
     assert all(float(err) <= 1e-6 for _, _, err in rows)
-    assert "Total: 14 symmetry groups (8 permutation, 4 rotation, 2 scale)" in result.output
+    assert "Total: 19 symmetry groups (8 permutation, 4 rotation, 6 scale, 1 sign_flip)" in result.output

@@ -871,14 +871,20 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
     for vid, t in det.values.items():
         for leaf in _leaves(det, [a for d in t.dims for a in d]):
             values_of[leaf].append(("v", vid, 0))
+    order = {name: i for i, name in enumerate(det._param_axes)}  # first use in the forward pass
     groups: list[SymmetryGroup] = []
     for leaf in sorted(nodes_of_leaf.keys() | coords.keys()):
         r = store.find(leaf)
-        if r != leaf or r in store.split or r in store.pinned or store.size[r] < 2:
+        if r != leaf or r in store.split or store.size[r] < 2:
+            continue
+        # units in a fixed order (a model output, e.g. a bare decoder's residual stream) cannot be
+        # permuted, but per-unit scalings of segments that do not reach the pin (which stops them) can
+        ordered = r in store.pinned
+        if ordered and store.pinned[r] not in ("model output", "model input"):
             continue
         n = store.size[r]
         class_members = _class_members(coords.get(leaf, []), n, is_buffer)
-        if class_members is None or not any(not m.buffer for m in class_members):
+        if not ordered and (class_members is None or not any(not m.buffer for m in class_members)):
             continue
         segments: dict = defaultdict(list)
         for key in nodes_of_leaf[leaf]:
@@ -890,12 +896,17 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
                     det, leaf, n, keys, group, rot, reading, members, coords, is_buffer, bn_eps
                 )
             )
+        # segments come from sets: put their groups in forward order (stable labels from run to run)
+        seg_groups.sort(key=lambda g: sorted((order[m.name], m.dim) for m in g.members))
+        if ordered:
+            groups.extend(g for g in seg_groups if not isinstance(g, Rotation))
+            continue
+        assert class_members is not None
         rotations = [g for g in seg_groups if isinstance(g, Rotation)]
         covered = {m.name for g in rotations for m in g.members}
         if not (rotations and all(m.name in covered for m in class_members if not m.buffer)):
             groups.extend(_permutation_groups(det, leaf, n, class_members, coords.get(leaf, []), values_of))
         groups.extend(seg_groups)
-    order = {name: i for i, name in enumerate(det._param_axes)}  # first use in the forward pass
     for i, g in enumerate(groups):
         g.members.sort(key=lambda m: order[m.name])
         g.layers = _layers(g.members)

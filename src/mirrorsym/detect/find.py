@@ -878,9 +878,10 @@ def build_groups(det: Detector) -> list[SymmetryGroup]:
         if r != leaf or r in store.split or store.size[r] < 2:
             continue
         # units in a fixed order (a model output, e.g. a bare decoder's residual stream) cannot be
-        # permuted, but per-unit scalings of segments that do not reach the pin (which stops them) can
+        # permuted, but per-unit scalings of segments that do not reach the pin (which stops them) can;
+        # not when unknown ops are about (they fix parameters they use without a trace in the segments)
         ordered = r in store.pinned
-        if ordered and store.pinned[r] not in ("model output", "model input"):
+        if ordered and (det.unknown or store.pinned[r] not in ("model output", "model input")):
             continue
         n = store.size[r]
         class_members = _class_members(coords.get(leaf, []), n, is_buffer)

@@ -135,6 +135,82 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) ⊙ w, written out as Hugging Face writes it (the detector reads the ATen ops)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm decoder layer: grouped-query causal attention (``rope``: rotary position embedding on q and
+    k) and a SwiGLU MLP, each read through an RMSNorm and added to the residual stream."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, rope: bool) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.d_head, self.rope = heads, kv_heads, dim // heads, rope
+        self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.d_head, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.d_head, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.attn_norm(x)
+        q = self.q(h).view(b, t, self.heads, self.d_head).transpose(1, 2)
+        k = self.k(h).view(b, t, self.kv_heads, self.d_head).transpose(1, 2)
+        v = self.v(h).view(b, t, self.kv_heads, self.d_head).transpose(1, 2)
+        if self.rope:
+            freq = 10000.0 ** (-torch.arange(0, self.d_head, 2, device=x.device) / self.d_head)
+            angle = torch.arange(t, device=x.device)[:, None] * freq[None, :]
+            cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        rep = self.heads // self.kv_heads  # each KV head serves `rep` query heads
+        k = k[:, :, None].expand(b, self.kv_heads, rep, t, self.d_head).reshape(b, self.heads, t, self.d_head)
+        v = v[:, :, None].expand(b, self.kv_heads, rep, t, self.d_head).reshape(b, self.heads, t, self.d_head)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, d))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    """A Llama-style decoder in plain torch (no ``transformers`` needed): token embedding, ``layers``
+    LlamaBlocks (4 query heads sharing 2 KV heads, RoPE, SwiGLU), a final RMSNorm and an untied LM head.
+    Its groups are derived by hand in docs/theory.md#llama-groups."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, kv_heads: int = 2, hidden: int = 64,
+                 layers: int = 2, rope: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, rope) for _ in range(layers))
+        self.norm = RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():  # generic norm gains (all-ones gains would hide a wrong sign or scale)
+            for m in self.modules():
+                if isinstance(m, RMSNorm):
+                    m.weight.uniform_(0.5, 1.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 Example = tuple[nn.Module, torch.Tensor]
 
 
@@ -157,6 +233,10 @@ EXAMPLES: dict[str, Callable[[], Example]] = {
     "gpt": lambda: (
         _seeded_model(TinyGPT),
         torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(1)),
+    ),
+    "llama": lambda: (
+        _seeded_model(TinyLlama),
+        torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1)),
     ),
 }
 

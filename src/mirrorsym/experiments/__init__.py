@@ -9,6 +9,7 @@ from .base import Claim, Context, finding
 
 # Order is the report's order.
 MODULES = [
+    "detection",
     "theorem1",
     "sparsity",
     "lowrank",

@@ -61,7 +61,7 @@ INPUT_SHAPE_HELP = ("Example input shape: the FULL shape including the batch dim
                     "e.g. 1,3,224,224 (images) or 1,16 (16 tokens, with --input-dtype long). Default: the "
                     "model's own example input (built-in examples, factories returning one; torchvision: "
                     "1,3,224,224).")
-MODEL_HELP = ("A built-in example (mlp-tanh, mlp-relu, cnn, attention, transformer, gpt, lora) or a "
+MODEL_HELP = ("A built-in example (mlp-tanh, mlp-relu, cnn, attention, transformer, gpt, llama, lora) or a "
               "torchvision model name (random init, no download) - names come first, so write ./NAME for a "
               "file called NAME; package.module:factory or file.py:name (an nn.Module or a zero-argument "
               "factory, which may also return (model, example_inputs)); a torch.save'd file (read "

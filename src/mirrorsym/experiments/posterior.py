@@ -25,22 +25,44 @@ So the number of active latents is min(k, #{λ_i > βσ²}). (β = 1 is the pPCA
 The symmetry. (E_j, D_{:j}) → (−E_j, −D_{:j}) (latent j's encoder row and decoder column) leaves L
 unchanged: a sign-flip mirror whose surface E_j = 0, D_{:j} = 0 *is* the collapsed latent. Theorem 1
 makes it absorbing: started on it, gradient descent never leaves it even where λ_i > βσ² (a saddle), and
-decay towards 0 (L2) keeps it too. Removing the symmetry (:func:`mirrorsym.remove_symmetries`: decay
-towards a fixed random θ₀) makes the surface non-stationary, and the latents that should be active leave
-it. Part 1 trains a grid of (β, σ²) from a generic init and compares active latents, latent variances and
-KLs with the formulas above; part 2 starts every method on the collapsed surface.
+decay towards 0 (L2) keeps it too. Removing the symmetry (syre, docs/theory.md#syre: decay towards a
+fixed random θ₀) makes the surface non-stationary, and the latents that should be active leave it. Part 1
+trains a grid of (β, σ²) from a generic init and compares active latents, latent variances and KLs with the
+formulas above; part 2 starts every method on the collapsed surface.
+
+Training runs on the sweep engine (``ctx.sweep``: vmapped copies, local or Ray, any device), every run
+full-batch Adam (torch's coupled ``weight_decay`` λ, γ = λ/2) with the cosine learning-rate decay to 0,
+η_t = lr·½(1 + cos(πt/steps)), so that the end point is converged. The model's forward is L itself at
+S = xᵀx/B (:class:`VAE`; B = N, so S is the data's), the criterion the identity.
+
+* Part 1: one sweep, one run per grid cell; run ``seed`` i is cell i (β, σ² are buffers of the copy),
+  initialised with 0.3·N(0, 1) entries of E and D from the generator of seed ``ctx.seed + cfg.seed + 1 + i``
+  (formerly slices of one draw for a hand-batched model; same distribution, other values).
+* Part 2: E = D = 0, log s² = 0. plain: λ = 0; L2: λ = ``syre_weight_decay`` on every parameter; syre:
+  the same λ with ``decay_to_offset_sigma`` = σ₀, i.e. the gradient gets λ(θ − θ₀) with θ₀ ~ N(0, σ₀²I)
+  drawn per run from its seed. With Adam's coupled decay this is exactly training θ = θ₀ + ψ with decay
+  λψ on ψ, what ``remove_symmetries(vae, sigma=σ₀, params=["enc", "dec"])`` did (tested to round-off in
+  tests/test_collapse_experiments.py). σ₀ means the same: ``remove_symmetries`` scales θ₀ by each
+  tensor's init scale, which is 1 for the all-zero E and D, so its ``sigma`` was already an absolute σ₀.
+  The engine decays *every* parameter towards its θ₀, log s² included, where syre had decayed log s²
+  towards 0 (it was not in ``params``); :class:`VAE` therefore stores log s² + a with a = the engine's θ₀
+  of that tensor (:func:`surface_vae`), which makes the engine's decay of log s² a decay towards 0 again.
+  What differs from the former runs: θ₀ is the engine's counter-based draw of each run's seed
+  (``ctx.seed + cfg.seed + 7 + s``) instead of ``torch.Generator(seed)``'s (same distribution, other
+  values). Main control σ₀ = 0.01 (the library default) over ``syre_seeds`` seeds; the σ₀ sweep
+  (``sigma_sweep``) on the first seed, one sweep per σ₀ (the factory needs σ₀ for the anchor a).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..constrain.remove import remove_symmetries
 from ..diagnose.metrics import ACTIVE_LATENT_THRESHOLD, active_latents, gaussian_kl_per_latent
 from .base import Claim, Context, finding
 from .plotting import figure, save
@@ -103,8 +125,21 @@ def predicted(spectrum, latents: int, beta: float, sigma2: float) -> dict:
             "kl": np.where(on, 0.5 * np.log(np.maximum(lam, 1e-300) / c), 0.0).tolist()}
 
 
+def neg_elbo(E: torch.Tensor, D: torch.Tensor, logvar: torch.Tensor, S: torch.Tensor, beta, sigma2) -> torch.Tensor:
+    """L of the module docstring at data second moment S (d, d). Leading batch dimensions broadcast: E
+    (..., k, d), D (..., d, k), log s² (..., k), β and σ² scalars or (...,); returns (...)."""
+    s2 = logvar.exp()
+    R = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device) - D @ E
+    rec = (R @ S * R).sum((-2, -1)) + (s2 * (D**2).sum(-2)).sum(-1)
+    ese = ((E @ S) * E).sum(-1)
+    kl = 0.5 * (ese + s2 - logvar - 1).sum(-1)
+    return rec / (2 * sigma2) + beta * kl
+
+
 class LinearVAE(nn.Module):
-    """The linear VAE of the module docstring; ``batch`` leading copies (vectorised grid)."""
+    """The linear VAE of the module docstring; ``batch`` leading copies, trained as one hand-batched model
+    (used by :mod:`~mirrorsym.experiments.discriminating`; this experiment trains :class:`VAE` copies on
+    the sweep engine)."""
 
     def __init__(self, d: int, k: int, batch: int, gen: torch.Generator | None, dtype=torch.float64):
         super().__init__()
@@ -119,12 +154,7 @@ class LinearVAE(nn.Module):
 
     def loss(self, S: torch.Tensor, beta: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
         """Per-copy loss (batch,) at data second moment S (d, d); β, σ² of shape (batch,)."""
-        E, D, s2 = self.enc, self.dec, self.logvar.exp()
-        R = torch.eye(S.shape[0], dtype=S.dtype) - D @ E
-        rec = (R @ S * R).sum((1, 2)) + (s2 * (D**2).sum(1)).sum(1)
-        ese = ((E @ S) * E).sum(2)
-        kl = 0.5 * (ese + s2 - self.logvar - 1).sum(1)
-        return rec / (2 * sigma2) + beta * kl
+        return neg_elbo(self.enc, self.dec, self.logvar, S, beta, sigma2)
 
     @torch.no_grad()
     def posterior(self, X: torch.Tensor, copy: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,61 +163,160 @@ class LinearVAE(nn.Module):
         return mu, self.logvar[copy].detach().expand_as(mu)
 
 
-def train(model: LinearVAE, X, beta, sigma2, lr, steps, weight_decay=0.0) -> None:
-    S = X.T @ X / X.shape[0]
-    """Full-batch Adam with a cosine learning-rate decay to 0 (so that the end point is converged)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    for t in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
-        loss = model.loss(S, beta, sigma2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+class VAE(nn.Module):
+    """One copy of the linear VAE, as the sweep engine trains it: ``forward(x)`` is the loss L (see
+    :func:`neg_elbo`) at S = xᵀx/B, the second moment of the minibatch x (B, d) — on the full batch the
+    data's S — so the criterion is :func:`loss_value`. β and σ² are buffers (one value per copy).
+
+    Parameters ``enc`` E (k, d), ``dec`` D (d, k) and ``logvar_raw`` = log s² + a, with a constant a
+    (buffer ``logvar_anchor``; 0 unless given). Started at log s² = 0. The engine's decay with
+    ``decay_to_offset_sigma`` pulls every parameter towards its own θ₀; passing a = θ₀ of this tensor
+    (see :func:`surface_vae`) turns that pull into decay of log s² towards 0, so that only (E, D) are
+    decayed towards a random point, as ``remove_symmetries(params=["enc", "dec"])`` does."""
+
+    def __init__(self, d: int, k: int, beta: float, sigma2: float, init_seed: int | None,
+                 logvar_anchor: torch.Tensor | None = None, dtype=torch.float64):
+        super().__init__()
+        if init_seed is None:  # on the collapsed surface
+            self.enc = nn.Parameter(torch.zeros(k, d, dtype=dtype))
+            self.dec = nn.Parameter(torch.zeros(d, k, dtype=dtype))
+        else:
+            gen = torch.Generator().manual_seed(init_seed)
+            self.enc = nn.Parameter(0.3 * torch.randn(k, d, generator=gen, dtype=dtype))
+            self.dec = nn.Parameter(0.3 * torch.randn(d, k, generator=gen, dtype=dtype))
+        anchor = torch.zeros(k, dtype=dtype) if logvar_anchor is None else logvar_anchor.to(dtype)
+        self.logvar_raw = nn.Parameter(anchor.clone())
+        self.register_buffer("logvar_anchor", anchor.clone())
+        self.register_buffer("beta", torch.tensor(float(beta), dtype=dtype))
+        self.register_buffer("sigma2", torch.tensor(float(sigma2), dtype=dtype))
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        """log s² (k,)."""
+        return self.logvar_raw - self.logvar_anchor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = x.T @ x / x.shape[0]
+        return neg_elbo(self.enc, self.dec, self.logvar, S, self.beta, self.sigma2)
+
+    @torch.no_grad()
+    def posterior(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ (N, k), logvar (N, k)) of q(z|x)."""
+        mu = X @ self.enc.detach().T
+        return mu, self.logvar.detach().expand_as(mu)
+
+    def load_params(self, params: dict[str, torch.Tensor]) -> VAE:
+        """Set the parameters (e.g. a sweep row's ``final_params``), keeping the buffers."""
+        own = dict(self.named_parameters())
+        if set(params) != set(own):
+            raise KeyError(f"expected parameters {sorted(own)}, got {sorted(params)}")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(params[name])
+        return self
 
 
-def measure(model: LinearVAE, X, copy: int) -> dict:
-    mu, logvar = model.posterior(X, copy)
+def loss_value(out: torch.Tensor) -> torch.Tensor:
+    """The sweep criterion: :class:`VAE`'s forward already is the loss (a mean over the batch)."""
+    return out
+
+
+def grid_vae(d: int, k: int, cells: tuple[tuple[float, float], ...], init_seed: int, seed: int) -> VAE:
+    """Model factory of part 1: run ``seed`` is grid cell ``cells[seed]`` = (β, σ²), initialised with
+    0.3·N(0, 1) entries from the generator of seed ``init_seed + seed``."""
+    beta, sigma2 = cells[seed]
+    return VAE(d, k, beta, sigma2, init_seed + seed)
+
+
+def surface_vae(d: int, k: int, beta: float, sigma2: float, sigma0: float, seed: int) -> VAE:
+    """Model factory of part 2: E = D = 0, log s² = 0. With ``sigma0`` > 0 (the run's
+    ``decay_to_offset_sigma``), ``logvar_anchor`` is the engine's θ₀ of ``logvar_raw``, σ₀ ·
+    ``rng.gaussian(seed, OFFSET, 0, i)`` with i its position in ``named_parameters()`` (the engine's
+    documented draw), so that log s² decays towards 0 while E and D decay towards their θ₀."""
+    from ..sweep import rng
+
+    vae = VAE(d, k, beta, sigma2, None)
+    if sigma0 > 0:
+        i = list(dict(vae.named_parameters())).index("logvar_raw")
+        anchor = sigma0 * rng.gaussian(seed, rng.OFFSET, 0, i, (k,), torch.float64)
+        vae = VAE(d, k, beta, sigma2, None, logvar_anchor=anchor)
+    return vae
+
+
+def measure(vae: VAE, X: torch.Tensor) -> dict:
+    mu, logvar = vae.posterior(X)
     var = mu.var(0, unbiased=False)
     kl = gaussian_kl_per_latent(mu, logvar)
     return {"active": int(active_latents(mu).sum()), "variance": sorted(var.tolist(), reverse=True),
             "kl": sorted(kl.tolist(), reverse=True)}
 
 
+def adam_cosine(cfg: Config, X: torch.Tensor, steps: int) -> dict:
+    """The grid settings every run shares: full-batch Adam, cosine learning-rate decay to 0 over ``steps``."""
+    return {"lr": cfg.lr, "batch_size": X.shape[0], "steps": steps, "optimizer": "adam", "lr_schedule": "cosine"}
+
+
+def trained(sweep, ctx: Context, store: str) -> list[VAE]:
+    """Run ``sweep`` through ``ctx.sweep`` into ``store``; the trained models in grid order."""
+    from ..sweep import final_params
+
+    out = []
+    for _, row in ctx.sweep(sweep, store).iterrows():
+        if row["status"] != "ok":
+            raise RuntimeError(f"posterior: run {dict(row)} diverged")
+        out.append(sweep.problem.model_factory(int(row["seed"])).load_params(final_params(row)))
+    return out
+
+
 def run(cfg: Config, ctx: Context) -> dict:
+    from ..sweep import Sweep
+
     X = make_data(cfg, ctx.generator(cfg.seed))
     d = X.shape[1]
-    grid = [(b, s) for b in cfg.betas for s in cfg.sigma2s]
-    beta = torch.tensor([b for b, _ in grid], dtype=torch.float64)
-    sigma2 = torch.tensor([s for _, s in grid], dtype=torch.float64)
-    vae = LinearVAE(d, cfg.latents, len(grid), ctx.generator(cfg.seed + 1))
-    train(vae, X, beta, sigma2, cfg.lr, cfg.steps)
+    cells = tuple((b, s) for b in cfg.betas for s in cfg.sigma2s)
+    sweep = Sweep(partial(grid_vae, d, cfg.latents, cells, ctx.seed + cfg.seed + 1), loss_value, X,
+                  {**adam_cosine(cfg, X, cfg.steps), "seed": list(range(len(cells)))}, record_every=10**9,
+                  name="posterior-grid", keep_params=True)
     rows = [{"beta": b, "sigma2": s, "predicted": predicted(cfg.spectrum, cfg.latents, b, s),
-             "measured": measure(vae, X, i)} for i, (b, s) in enumerate(grid)]
-    surface = {m: surface_run(m, X, cfg) for m in ctx.track(("plain", "l2", "syre"), "posterior: from the surface")}
-    syre_seeds = [surface["syre"]] + [surface_run("syre", X, cfg, offset_seed=cfg.seed + 7 + s)
-                                      for s in range(1, cfg.syre_seeds)]
-    sigma_sweep = [{"sigma": s, **surface_run("syre", X, cfg, sigma=s)} for s in cfg.sigma_sweep]
-    return {"spectrum": list(cfg.spectrum), "grid": rows, "surface": surface, "syre_seeds": syre_seeds,
-            "sigma_sweep": sigma_sweep,
+             "measured": measure(vae, X)} for vae, (b, s) in zip(trained(sweep, ctx, "sweep-grid"), cells, strict=True)]
+    surface = surface_runs(X, cfg, ctx)
+    return {"spectrum": list(cfg.spectrum), "grid": rows, **surface,
             "surface_predicted": predicted(cfg.spectrum, cfg.latents, cfg.surface_beta, cfg.surface_sigma2)}
 
 
-def surface_run(method: str, X: torch.Tensor, cfg: Config, offset_seed: int | None = None,
-                sigma: float | None = None) -> dict:
-    """Start with every latent collapsed (E = 0, D = 0) and train with plain Adam, L2 or syre (offset θ₀
-    from ``offset_seed``, default ``cfg.seed + 7``, at σ₀ = ``sigma``, default ``cfg.syre_sigma``)."""
-    vae = LinearVAE(X.shape[1], cfg.latents, 1, None)
-    wd = 0.0
-    if method in ("l2", "syre"):
-        wd = cfg.syre_weight_decay
-    if method == "syre":
-        remove_symmetries(vae, sigma=cfg.syre_sigma if sigma is None else sigma,
-                          seed=cfg.seed + 7 if offset_seed is None else offset_seed, params=["enc", "dec"])
-    beta = torch.tensor([cfg.surface_beta], dtype=torch.float64)
-    sigma2 = torch.tensor([cfg.surface_sigma2], dtype=torch.float64)
-    train(vae, X, beta, sigma2, cfg.lr, cfg.surface_steps, weight_decay=wd)
-    out = measure(vae, X, 0)
+def surface_runs(X: torch.Tensor, cfg: Config, ctx: Context) -> dict:
+    """Part 2: every run starts with every latent collapsed (E = 0, D = 0, log s² = 0) and trains with
+    plain Adam (λ = 0), L2 (λ = ``syre_weight_decay`` on every parameter) or syre (the same λ, with E and
+    D decayed towards θ₀ ~ N(0, σ₀²I), the engine's ``decay_to_offset_sigma``, and log s² towards 0).
+    Offset seeds ``ctx.seed + cfg.seed + 7 + s``, s < ``syre_seeds``, at σ₀ = ``syre_sigma``; the σ₀ sweep
+    uses the first of them. One sweep per σ₀ (the factory needs σ₀ for the anchor of log s²)."""
+    from ..sweep import Sweep
+
+    d, k = X.shape[1], cfg.latents
+    seeds = [ctx.seed + cfg.seed + 7 + s for s in range(cfg.syre_seeds)]
+    base = adam_cosine(cfg, X, cfg.surface_steps)
+    shape = (d, k, cfg.surface_beta, cfg.surface_sigma2)
+
+    def sweep(sigma0: float, grid, name: str) -> list[dict]:
+        s = Sweep(partial(surface_vae, *shape, sigma0), loss_value, X, grid, record_every=10**9,
+                  name=f"posterior-{name}", keep_params=True)
+        return [surface_measure(vae, X) for vae in trained(s, ctx, f"sweep-{name}")]
+
+    plain, l2 = sweep(0.0, [{**base, "seed": seeds[0]},
+                            {**base, "seed": seeds[0], "weight_decay": cfg.syre_weight_decay}], "surface")
+    by_sigma = {}
+    sigmas = sorted({cfg.syre_sigma, *cfg.sigma_sweep})
+    for sigma0 in ctx.track(sigmas, "posterior: syre σ₀ sweep"):
+        runs = seeds if sigma0 == cfg.syre_sigma else seeds[:1]
+        by_sigma[sigma0] = sweep(sigma0, {**base, "seed": runs, "weight_decay": cfg.syre_weight_decay,
+                                          "decay_to_offset_sigma": sigma0}, f"syre-{sigma0:g}")
+    syre_seeds = by_sigma[cfg.syre_sigma]
+    return {"surface": {"plain": plain, "l2": l2, "syre": syre_seeds[0]}, "syre_seeds": syre_seeds,
+            "sigma_sweep": [{"sigma": s, **by_sigma[s][0]} for s in cfg.sigma_sweep]}
+
+
+def surface_measure(vae: VAE, X: torch.Tensor) -> dict:
+    out = measure(vae, X)
     with torch.no_grad():
         out["surface_distance"] = float(torch.sqrt((vae.enc**2).sum() + (vae.dec**2).sum()))
     return out

@@ -174,6 +174,10 @@ class VAE(nn.Module):
     (see :func:`surface_vae`) turns that pull into decay of log s² towards 0, so that only (E, D) are
     decayed towards a random point, as ``remove_symmetries(params=["enc", "dec"])`` does."""
 
+    logvar_anchor: torch.Tensor  # buffers (typed for the checker: nn.Module's __getattr__ is untyped)
+    beta: torch.Tensor
+    sigma2: torch.Tensor
+
     def __init__(self, d: int, k: int, beta: float, sigma2: float, init_seed: int | None,
                  logvar_anchor: torch.Tensor | None = None, dtype=torch.float64):
         super().__init__()

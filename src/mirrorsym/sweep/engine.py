@@ -4,7 +4,7 @@ Every copy k has its own parameters θ_k, optimizer state and hyper-parameters (
 step t of every live copy, with B_k,t = ``rng.batch_indices(seed_k, t, n, B)`` and η_t the learning
 rate of the copy's schedule at step t (see :mod:`mirrorsym.sweep.config`):
 
-    g  = ∇_θ loss(model_θ(x_B), y_B) + σ ξ_t                  (ξ_t only with the ``noise`` option)
+    g  = ∇_θ loss(model_θ(x_B, ε_1 … ε_k), y_B) + σ ξ_t       (ξ_t only with the ``noise`` option)
     g ← g · min(1, c / (‖g‖ + 1e-6))                          (only with ``clip_grad_norm`` = c > 0;
                                                                ‖g‖ over all parameters of the copy)
     d  = θ − θ₀                                                (θ₀ = 0 unless ``decay_to_offset_sigma``)
@@ -21,6 +21,17 @@ weight_decay=λ)`` / ``AdamW(...)`` with ``torch.nn.utils.clip_grad_norm_(c)`` b
 t, i, shape)`` for the i-th parameter in ``named_parameters()`` order; θ₀ = σ₀ · ``rng.gaussian(seed,
 OFFSET, 0, i, shape)``. :func:`mirrorsym.sweep.reference.train_plain` is this, written with the torch
 optimizers on one model.
+
+**Random inputs** (``Sweep(random_inputs=k)``, ``Problem.random_inputs``; default k = 0: the forward is
+``model(x_B)``). The engine has no per-copy random generator inside the traced step, so a model that needs
+randomness (augmentation, dropout masks, ...) receives it as inputs: at step t the forward is
+``model(x_B, ε_0, …, ε_{k−1})`` with ε_j = ``rng.gaussian(seed, RANDOM_INPUTS, t, j, x_B.shape)`` ~ N(0, 1)
+i.i.d., of the minibatch input's shape and dtype (the model turns them into whatever it needs: a Bernoulli(p)
+mask is ``Φ(ε) < p``, i.e. ``0.5 · (1 + erf(ε/√2)) < p``). They are drawn on the host with the minibatch, so
+they depend on the run's seed and the step only (not on the chunk, K, backend or device), and differ across
+seeds. **Metrics** call the model without them, ``model(x)`` (the deterministic evaluation mode: the
+model's ``forward(x, *eps)`` must accept an empty ``eps``, e.g. no mask and no added noise), so that
+recorded metrics are functions of the parameters only.
 
 A copy whose loss or new parameters are NaN/inf at step t is *frozen*: it keeps its last finite
 parameters, is reported ``diverged`` at step t, and its metrics from then on are NaN. Copies never
@@ -90,6 +101,7 @@ class Problem:
     name: str
     compile_step: bool = False  # torch.compile the traced step (see train_chunk)
     keep_params: bool = False  # rows carry each run's final parameters (column final_params, JSON)
+    random_inputs: int = 0  # k: the training forward is model(x_B, ε_0, …, ε_{k−1}) (module docstring)
 
     @property
     def n(self) -> int:
@@ -128,7 +140,9 @@ def check_trainable(module: nn.Module) -> None:
                 f"mirrorsym.sweep: module {label} applies dropout (p={p}) in train mode; the vmapped copies have "
                 "no per-copy random generator, so their masks would be neither independent nor reproducible "
                 "from each run's seed. Fix: in the model factory set p=0 (or call .eval() on the dropout "
-                "modules), or train these runs one by one with a plain loop")
+                "modules) and, if the masks matter, build them from the Sweep's random inputs "
+                "(Sweep(random_inputs=k): forward(x, *eps), mask = Φ(eps) < 1 − p), or train these runs one by "
+                "one with a plain loop")
 
 
 def _random_op_error(exc: BaseException) -> UnsupportedModel | None:
@@ -137,7 +151,9 @@ def _random_op_error(exc: BaseException) -> UnsupportedModel | None:
             "mirrorsym.sweep: the model or loss draws random numbers during training (e.g. F.dropout with "
             f"training=True, torch.rand*): {str(exc).splitlines()[0]}. The vmapped copies have no per-copy "
             "random generator, so such draws would be neither independent nor reproducible from each run's "
-            "seed. Fix: make the forward deterministic (dropout off), or train these runs one by one")
+            "seed. Fix: make the forward deterministic (dropout off) and take the randomness as inputs "
+            "(Sweep(random_inputs=k) passes k per-run N(0, 1) tensors: forward(x, *eps)), or train these runs "
+            "one by one")
     return None
 
 
@@ -224,6 +240,7 @@ class _Chunk:
         self.seeds = _per_copy(configs, "seed", torch.long, device)
         self.streams = rng.Streams(self.seeds)
         self.use_noise = any(c["noise"] > 0 for c in configs)
+        self.n_random = int(problem.random_inputs)
         self.use_anchor = any(c["decay_to_offset_sigma"] > 0 for c in configs)
         self.use_momentum = self.optimizer == "sgd" and any(c["momentum"] > 0 for c in configs)
         self.use_decay = any(c["weight_decay"] > 0 for c in configs)  # else the decay terms are skipped
@@ -298,20 +315,31 @@ class _Chunk:
         return [self.streams.gaussian_block(rng.NOISE, step0, count, i, p.shape[1:], p.dtype)
                 for i, p in enumerate(self.params.values())]
 
-    # ------------------------------------------------------------------ the step, as a pure function
-    def forward(self, params, buffers, x):
-        return functional_call(self.base, (params, buffers), (x,))
+    def random_input_block(self, step0: int, count: int) -> list[torch.Tensor]:
+        """The k random inputs of every copy for a block: k tensors (count, K, *x_B.shape) (module docstring)."""
+        if not self.n_random:
+            return []
+        x = self.data[0]
+        shape = (x.shape[0] if self.full_batch else self.B, *x.shape[1:])
+        return [self.streams.gaussian_block(rng.RANDOM_INPUTS, step0, count, j, shape, x.dtype)
+                for j in range(self.n_random)]
 
-    def _loss(self, params, buffers, *batch):
-        return self.problem.criterion(self.forward(params, buffers, batch[0]), *batch[1:])
+    # ------------------------------------------------------------------ the step, as a pure function
+    def forward(self, params, buffers, x, *eps):
+        return functional_call(self.base, (params, buffers), (x, *eps))
+
+    def _loss(self, params, buffers, *batch_and_eps):
+        n_data = len(self.data)
+        batch, eps = batch_and_eps[:n_data], batch_and_eps[n_data:]
+        return self.problem.criterion(self.forward(params, buffers, batch[0], *eps), *batch[1:])
 
     def grad_fn(self, full_batch: bool):
         data_dim = None if full_batch else 0
-        in_dims = (0, 0) + (data_dim,) * len(self.data)
+        in_dims = (0, 0) + (data_dim,) * len(self.data) + (0,) * self.n_random
         return vmap(grad_and_value(self._loss), in_dims=in_dims)
 
     def step_function(self) -> Callable:
-        """``step(*carry, *buffers, *hyper, *batch, *schedule_t, *noise_t) -> (*new_carry, loss)``."""
+        """``step(*carry, *buffers, *hyper, *batch, *schedule_t, *noise_t, *eps_t) -> (*new_carry, loss)``."""
         P, K = len(self.names), self.K
         n_state, n_buf, n_hyper = len(self.state_kinds), len(self.buffers), len(self.hyper)
         n_data, n_sched = len(self.data), len(self.schedule_names)
@@ -342,7 +370,9 @@ class _Chunk:
             sched = dict(zip(sched_names, args[i:i + n_sched], strict=True))
             i += n_sched
             noise = args[i:i + P] if use_noise else None
-            grads, loss = grad_fn(dict(zip(names, params, strict=True)), buffers, *batch)
+            i += P if use_noise else 0
+            eps = args[i:]  # the k random inputs of this step, (K, *x_B.shape) each
+            grads, loss = grad_fn(dict(zip(names, params, strict=True)), buffers, *batch, *eps)
             g = [grads[k] for k in names]
             if noise is not None:  # use_noise
                 g = [gi + h["noise"][j] * noise[j] for j, gi in enumerate(g)]
@@ -547,6 +577,7 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
     marks = record_steps(chunk.steps, problem.record_every)
     per_step = K * (0 if chunk.full_batch else B) + (K * sum(p[0].numel() for p in chunk.params.values())
                                                       if chunk.use_noise else 0)
+    per_step += K * chunk.n_random * (n if chunk.full_batch else B) * math.prod(chunk.data[0].shape[1:])
     blocks = _blocks(marks, max(1, min(MAX_BLOCK, INDEX_BUDGET // max(per_step, 1))))
     step_fn = chunk.step_function()
     metrics = _Metrics(chunk)
@@ -559,9 +590,9 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
         history.append([torch.where(chunk.alive, v, math.nan) for v in values])
 
     def inputs(block, s):
-        idx, sched, noise = block
+        idx, sched, noise, eps = block
         batch = chunk.data if idx is None else tuple(gather_rows(d, idx[s]) for d in chunk.data)
-        return (*consts, *batch, *(v[s] for v in sched), *(z[s] for z in noise))
+        return (*consts, *batch, *(v[s] for v in sched), *(z[s] for z in noise), *(e[s] for e in eps))
 
     carry = chunk.state
     program = None
@@ -572,7 +603,8 @@ def train_chunk(problem: Problem, configs: Sequence[Mapping], device="auto",
         for start, stop in blocks:
             count = stop - start
             block = (None if chunk.full_batch else chunk.streams.batch_indices_block(start, count, n, B, chunk.replace),
-                     chunk.schedule_block(start, count), chunk.noise_block(start, count))
+                     chunk.schedule_block(start, count), chunk.noise_block(start, count),
+                     chunk.random_input_block(start, count))
             if program is None:
                 example = (*carry, *inputs(block, 0))
                 program = _trace(step_fn, example, "training step") if trace else step_fn

@@ -4,7 +4,9 @@ It trains ``model_factory(seed)`` with the torch optimizer of the config (``torc
 momentum, weight_decay, nesterov)``, ``Adam(lr, betas, eps, weight_decay)`` or ``AdamW(...)``), its
 learning-rate scheduler (``StepLR`` / ``CosineAnnealingLR(T_max=steps)``, stepped after every optimizer
 step) and ``torch.nn.utils.clip_grad_norm_`` on the same minibatches
-(:func:`mirrorsym.sweep.rng.batch_indices`). Each step: ``loss.backward()``; the options' ``σ ξ`` added
+(:func:`mirrorsym.sweep.rng.batch_indices`) and, with ``problem.random_inputs`` = k, the same random
+inputs (``model(x_B, ε_0, …, ε_{k−1})``, ε_j = ``rng.gaussian(seed, RANDOM_INPUTS, t, j, x_B.shape)``;
+metrics call ``model(x)``). Each step: ``loss.backward()``; the options' ``σ ξ`` added
 to ``p.grad`` (``noise``); ``clip_grad_norm_``; for ``decay_to_offset_sigma``, ``λ(θ − θ₀)`` added to
 ``p.grad`` (sgd, adam) or ``θ ← θ − η λ(θ − θ₀)`` (adamw) in place of torch's own decay; ``opt.step()``;
 ``scheduler.step()``. It records the same metrics at the same steps (no divergence freezing: a diverged
@@ -84,7 +86,9 @@ def train_plain(problem: Problem, config: Mapping, device="cpu") -> dict[str, li
         idx = rng.batch_indices(config["seed"], t, n, B, device=device,
                                 replace=config["sampling"] == "with_replacement")
         batch = tuple(gather_rows(d, idx) for d in data)
-        loss = problem.criterion(model(batch[0]), *batch[1:])
+        eps = [rng.gaussian(config["seed"], rng.RANDOM_INPUTS, t, j, batch[0].shape, batch[0].dtype, device)
+               for j in range(problem.random_inputs)]
+        loss = problem.criterion(model(batch[0], *eps), *batch[1:])
         opt.zero_grad(set_to_none=False)
         loss.backward()
         with torch.no_grad():

@@ -18,6 +18,10 @@ gives 32-bit words h_j, distinct over j for a fixed key. Then
 * **standard normals** (:func:`gaussian`): Box–Muller on pairs of uniforms ``(h + 0.5)/2³²`` computed in
   float64, then cast to the requested dtype.
 
+Purposes (the second key part): ``INDICES`` (minibatches), ``NOISE`` (gradient noise, stream = the
+parameter's position), ``OFFSET`` (the decay offset θ₀, step 0) and ``RANDOM_INPUTS`` (the model's random
+inputs ε_j ~ N(0, 1) of ``Sweep(random_inputs=k)``, stream = j, shaped like the step's minibatch input).
+
 Seeds are integers in [0, 2³²).
 
 **Blocks.** The trainer draws many steps at once (:meth:`Streams.batch_indices_block`,
@@ -38,7 +42,8 @@ import torch
 MASK32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x1B873593  # odd multipliers < 2**31: x * c < 2**63 for x < 2**32
 
-INDICES, NOISE, OFFSET = 1, 2, 3  # purposes: minibatches, gradient noise, decay offset θ₀
+INDICES, NOISE, OFFSET, RANDOM_INPUTS = 1, 2, 3, 4  # purposes: minibatches, gradient noise, decay offset θ₀,
+# the model's random inputs (``Sweep(random_inputs=k)``: stream j < k is the j-th extra forward argument)
 
 
 def mix(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ Example (Hadamard regression, docs/theory.md#closed-form-a)::
 everything else that determines its result (see :meth:`Sweep.fingerprint`): the data tensors (bytes,
 shape, dtype), the model factory (source or bytecode, closure and referenced globals, and the initial
 parameters it builds for the first config's seed), the loss, the metrics, the model hooks of the options
-in use, and the mirrorsym version with the sweep code. The parts are stored in ``sweep.json``. A rerun
+in use, the number of random inputs of the forward (``random_inputs``), and the mirrorsym version with the
+sweep code. The parts are stored in ``sweep.json``. A rerun
 with the same inputs meets the same ids and resumes; a rerun with other inputs gets new ids, trains
 everything and warns once, naming what changed ("data changed", "loss changed", ...), so stored rows
 are never returned for inputs they were not computed from. Lists, dicts and sets that the factory,
@@ -270,6 +271,7 @@ def describe_digest(obj) -> str:
 _CHANGES = {"data": "data changed", "eval_data": "eval_data changed", "model_factory": "model factory changed",
             "model_init": "model factory changed (other initial parameters)", "loss": "loss changed",
             "metrics": "metrics changed", "options": "model hooks of the options changed",
+            "random_inputs": "random_inputs changed",
             "mirrorsym": "mirrorsym version or sweep code changed"}
 
 
@@ -361,6 +363,16 @@ class Sweep:
             :func:`mirrorsym.sweep.final_params`), for analyses that need the trained weights (spectra,
             thresholds at the trained point, features). Off by default: it costs one float per parameter
             per run on disk.
+        random_inputs: k ≥ 0 (default 0). With k > 0 every training step calls the model as
+            ``model(x_B, ε_0, …, ε_{k−1})``: k tensors of standard normals with the minibatch input's shape
+            and dtype, drawn from the run's own counter-based stream (``rng.RANDOM_INPUTS``, keyed by
+            (seed, step, j)), so identical for a run whatever the chunking, backend or device, and
+            different across seeds. This is how a model gets randomness (augmentations, dropout-like masks:
+            a Bernoulli(p) mask is ``0.5 * (1 + torch.erf(eps / 2 ** 0.5)) < p``) in place of torch.rand*
+            or dropout, which the engine refuses. Metrics (and the ``loss`` metric) call ``model(x)``
+            without them: the forward must accept an empty ``eps`` and evaluate deterministically then.
+            Part of every run's fingerprint (another k never reuses stored rows). See
+            :mod:`mirrorsym.sweep.engine`.
 
     Everything is validated here, before any work: an empty grid, a non-positive lr or batch size, a
     batch size above the data size, an unknown option or metric raise ``ValueError``/``TypeError``.
@@ -368,9 +380,11 @@ class Sweep:
 
     def __init__(self, model_factory: Callable[[int], nn.Module], criterion: Callable, data, grid,
                  metrics: Mapping[str, Callable | str] | None = None, record_every: int = 100,
-                 eval_data=None, name: str = "sweep", keep_params: bool = False):
+                 eval_data=None, name: str = "sweep", keep_params: bool = False, random_inputs: int = 0):
         if not callable(model_factory) or not callable(criterion):
             raise TypeError("mirrorsym.sweep: model_factory and criterion must be callables")
+        if isinstance(random_inputs, bool) or not isinstance(random_inputs, int) or random_inputs < 0:
+            raise ValueError(f"mirrorsym.sweep: random_inputs must be an int >= 0, got {random_inputs!r}")
         if not isinstance(record_every, int) or record_every < 1:
             raise ValueError(f"mirrorsym.sweep: record_every must be an int >= 1, got {record_every!r}")
         data = _as_data(data, "data")
@@ -389,7 +403,7 @@ class Sweep:
         self._eval_is_data = eval_data is data
         self.problem = Problem(model_factory, criterion, data, eval_data,
                                {k: _as_metric(k, v, criterion) for k, v in metrics.items()}, record_every, name,
-                               keep_params=bool(keep_params))
+                               keep_params=bool(keep_params), random_inputs=random_inputs)
         self._fingerprint: dict | None = None
 
     def __len__(self) -> int:
@@ -404,7 +418,8 @@ class Sweep:
         module-level values and same-module helpers it reads), ``model_init`` (digest of the state_dict
         ``model_factory`` builds for the first config's seed: catches changes the code digest cannot see,
         e.g. in a helper of another module), ``loss``, ``metrics`` (built-in names or function digests),
-        ``options`` (the ``transform_model`` hooks of options set away from their default) and
+        ``options`` (the ``transform_model`` hooks of options set away from their default),
+        ``random_inputs`` (k: how many random tensors the forward gets) and
         ``mirrorsym`` (package version and a digest of the sweep code). Computed afresh by every
         :meth:`run` (it builds one model), so data changed in place is noticed too. A model factory that
         is not deterministic in its seed gives another ``model_init`` each time, so every rerun of it
@@ -432,6 +447,7 @@ class Sweep:
             "loss": describe_digest(p.criterion),
             "metrics": describe_digest(self._user_metrics),
             "options": describe_digest(used_hooks),
+            "random_inputs": str(p.random_inputs),
             "mirrorsym": f"{_mirrorsym_version()} sweep code {_sweep_code_digest()}",
         }
         self._fingerprint = {"id": _hex(json.dumps(parts, sort_keys=True)), "parts": parts}

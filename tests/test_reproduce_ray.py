@@ -36,7 +36,7 @@ def test_every_grid_experiment_gives_the_same_claims_on_ray(tmp_path, local_ray)
     assert runner.run_reproduction(None, size="tiny", out=local, device="cpu") == 0
     grids = [name for name in registry()
              if json.loads((local / name / "results.json").read_text())["execution"]["engine"] == "mirrorsym.sweep"]
-    assert {"sparsity", "lowrank", "noise", "permutation", "transformer", "posterior"} <= set(grids)
+    assert {"sparsity", "lowrank", "noise", "permutation", "transformer", "posterior", "dimensional"} <= set(grids)
     remote = tmp_path / "ray"
     assert runner.run_reproduction(grids, size="tiny", out=remote, device="cpu", backend="ray") == 0
     for name in grids:

@@ -28,17 +28,26 @@ eigenvalues ≤ ``zero_tol`` × the largest):
 * functionally: the accuracy of a linear probe (logistic regression, r scaled by √(largest eigenvalue),
   train/test split of the digits) on r.
 
-Training: a plain loop in which all seeds of all variants with a projector are one batched model (parameters
-(copies, out, in); the summed loss gives each copy its own gradient, and SGD acts elementwise), the
-no-projector seeds a second one. Not on
-the sweep engine: the two augmented views are drawn inside every step (random operations, which the engine
-refuses), and its metrics see only the trained tensors ψ, not θ₀.
+Training: the sweep engine (``ctx.sweep``), one sweep per variant and one run per seed, ``keep_params``.
+Run (variant, seed s) has sweep seed r = 1000 · ``cfg.seed`` + s for every variant, and everything random is
+keyed by r: the initialisation θ_init (torch generator 1 + 100 r), θ₀ (``remove_symmetries(sigma=σ₀,
+seed=2 + 100 r)`` on the freshly built copy, the library's offsets; 0 for plain decay), the minibatches and
+the augmentations — so all variants of a seed share init, data order and views (paired comparisons). The
+model (:class:`OffsetLinearSSL`) holds ψ as its parameters and θ₀ as buffers, φ = θ₀ + ψ (the parametrize
+mode of ``remove_symmetries`` written out, ψ_init = θ_init − θ₀), so the engine's SGD + momentum + coupled
+decay λψ is exactly the library's symmetry removal of that copy. The two views come from the engine's
+per-run random inputs (``Sweep(random_inputs=4)``: N(0, 1) tensors shaped like the minibatch; keep mask
+Φ(ε) < ``keep``, additive noise ``noise`` · ε, the distribution of :func:`augment`); the loss is the
+symmetrised InfoNCE of the two views. θ_V = θ₀ + ψ_V is rebuilt from the run's trained ψ and its factory's
+θ₀. ``final_loss`` is the sweep's ``loss`` metric: InfoNCE of the clean images (no augmentation) on all
+images at the last step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -88,23 +97,61 @@ def variant_names(cfg: Config) -> list[str]:
     return ["projector", "no_projector"] + [f"syre σ₀={s:g}" for s in cfg.syre_sigmas]
 
 
-class StackedLinearSSL(nn.Module):
-    """S independent copies r_s = V_s x_s, z_s = W_s r_s (z = r without a projector), initialised
-    V, W ~ N(0, 1/fan_in) from one generator per copy."""
+class OffsetLinearSSL(nn.Module):
+    """One copy: r = (θ₀_V + ψ_V) x, z = (θ₀_W + ψ_W) r (z = r without a projector). The parameters are the
+    learned parts ψ (named ``encoder``, ``projector``); θ₀ are buffers (``encoder_offset``,
+    ``projector_offset``; zero for plain decay). This is ``remove_symmetries``' parametrize mode written out
+    (φ = θ₀ + ψ, D = I): the engine's coupled decay λψ on the parameters *is* λ(θ − θ₀).
 
-    def __init__(self, d_in: int, rep_dim: int, emb_dim: int | None, gens: list[torch.Generator]):
+    ``forward(x)`` embeds the clean images and returns them twice, (2, B, D); ``forward(x, ε₀, ε₁, ε₂, ε₃)``
+    (the sweep's four random inputs, N(0, 1), shaped like x) embeds two augmented views, view a =
+    x ⊙ [Φ(ε₂ₐ) < keep] + noise · ε₂ₐ₊₁ — in distribution exactly :func:`augment` (Φ(ε) ~ U(0, 1), so the mask
+    is Bernoulli(keep); the noise is N(0, noise²); all independent)."""
+
+    def __init__(self, theta: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor], keep: float,
+                 noise: float):
         super().__init__()
+        self.keep, self.noise = keep, noise
+        self.encoder = nn.Parameter(theta["encoder"] - offsets["encoder"])  # ψ = θ_init − θ₀ (right_inverse)
+        self.register_buffer("encoder_offset", offsets["encoder"])
+        self.has_projector = "projector" in theta
+        if self.has_projector:
+            self.projector = nn.Parameter(theta["projector"] - offsets["projector"])
+            self.register_buffer("projector_offset", offsets["projector"])
 
-        def init(rows, cols):
-            return nn.Parameter(torch.stack([torch.randn(rows, cols, generator=g) / math.sqrt(cols) for g in gens]))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        r = x @ (self.encoder_offset + self.encoder).T
+        return r @ (self.projector_offset + self.projector).T if self.has_projector else r
 
-        self.encoder = init(rep_dim, d_in)
-        self.projector = init(emb_dim, rep_dim) if emb_dim else None
+    def forward(self, x: torch.Tensor, *eps: torch.Tensor) -> torch.Tensor:
+        if not eps:
+            z = self.embed(x)
+            return torch.stack([z, z])
+        m1, n1, m2, n2 = eps
+        keep1 = (0.5 * (1 + torch.erf(m1 / math.sqrt(2))) < self.keep).to(x.dtype)
+        keep2 = (0.5 * (1 + torch.erf(m2 / math.sqrt(2))) < self.keep).to(x.dtype)
+        views = torch.cat([x * keep1 + self.noise * n1, x * keep2 + self.noise * n2])
+        return self.embed(views).reshape(2, x.shape[0], -1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (S, B, d_in) → (r, z), each (S, B, ·)."""
-        r = x @ self.encoder.transpose(-1, -2)
-        return r, (r @ self.projector.transpose(-1, -2) if self.projector is not None else r)
+
+def make_model(d_in: int, rep_dim: int, emb_dim: int | None, sigma: float, keep: float, noise: float,
+               seed: int) -> OffsetLinearSSL:
+    """The sweep's model factory (bound with ``functools.partial``; ``seed`` = the run seed r): θ_init =
+    (V, W), V, W ~ N(0, 1/fan_in) from ``torch.Generator`` seed 1 + 100 r (V first); for σ > 0, θ₀ =
+    ``remove_symmetries(plain model, sigma=σ, seed=2 + 100 r).offsets`` (σ × each tensor's init scale, its
+    std, × N(0, 1): the library's symmetry removal of this copy), else θ₀ = 0. ψ = θ_init − θ₀, so every
+    variant of seed r starts from the same function."""
+    gen = torch.Generator().manual_seed(1 + 100 * seed)
+    plain = nn.Module()
+    plain.encoder = nn.Parameter(torch.randn(rep_dim, d_in, generator=gen) / math.sqrt(d_in))
+    if emb_dim:
+        plain.projector = nn.Parameter(torch.randn(emb_dim, rep_dim, generator=gen) / math.sqrt(rep_dim))
+    theta = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    if sigma > 0:
+        offsets = dict(remove_symmetries(plain, sigma=sigma, seed=2 + 100 * seed).offsets)
+    else:
+        offsets = {n: torch.zeros_like(t) for n, t in theta.items()}
+    return OffsetLinearSSL(theta, offsets, keep, noise)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -116,59 +163,66 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     return -0.5 * (rows + cols)
 
 
+def views_info_nce(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """The sweep's criterion: :func:`info_nce` of the two views ``z = (z1, z2)`` the model returns."""
+    return info_nce(z[0], z[1], tau)
+
+
 def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    """One augmented view with torch's generator (the reference distribution of the model's views)."""
     keep = (torch.rand(x.shape, generator=gen) < cfg.keep).to(x.dtype)
     return x * keep + cfg.noise * torch.randn(x.shape, generator=gen)
 
 
-def learned_encoder(model: StackedLinearSSL, removal=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ_V, ψ_V) of every copy, (S, rep_dim, d_in): the encoder and its learned part ψ = θ − θ₀ (θ₀ = the
-    offset of ``removal``, a :func:`remove_symmetries` handle, or 0)."""
-    theta = model.encoder.detach()
-    offset = removal.offsets["encoder"] if removal is not None else torch.zeros_like(theta)
-    return theta, theta - offset
+def variant_sigma(variant: str) -> float:
+    """σ₀ / init scale of a variant: 0 for plain decay."""
+    return float(variant.split("=")[1]) if variant.startswith("syre") else 0.0
 
 
-def train_variants(variants: list[str], X: torch.Tensor, cfg: Config) -> dict:
-    """Train every seed of every variant in ``variants`` (one architecture: all with a projector, or all
-    without) as one batched model, copy j·S + i = variant j, seed i. Copy (j, i) starts from seed i's
-    initialisation and sees seed i's minibatches and augmentations, whatever j (paired comparisons).
+def run_seed(cfg: Config, s: int) -> int:
+    """The sweep seed of experiment seed s: it keys the initialisation, θ₀, minibatches and augmentations."""
+    return 1000 * cfg.seed + s
 
-    Symmetry removal: ``remove_symmetries(model, sigma=1, seed)`` parametrises every tensor as θ = θ₀ + ψ
-    (θ₀ = the tensor's init scale × N(0, 1)); each copy's θ₀ slice is then scaled to its own σ₀ (0 for plain
-    decay: θ = ψ exactly) and ψ reset to θ_init − θ₀, so each copy is the library's symmetry removal at its σ₀.
-    Returns {variant: {"theta": θ_V (S, rep, d), "psi": ψ_V, "final_loss": [S]}}."""
+
+def variant_sweep(variant: str, X: torch.Tensor, cfg: Config):
+    """The :class:`mirrorsym.sweep.Sweep` of one variant: one run per seed, SGD + momentum, coupled decay,
+    four random inputs per step (the two views' masks and noise), final parameters kept."""
+    from ..sweep import Sweep
+
+    emb = None if variant == "no_projector" else cfg.emb_dim
+    factory = partial(make_model, X.shape[1], cfg.rep_dim, emb, variant_sigma(variant), cfg.keep, cfg.noise)
+    grid = {"seed": [run_seed(cfg, s) for s in cfg.seeds], "lr": cfg.lr, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch, "steps": cfg.steps}
+    return Sweep(factory, partial(views_info_nce, tau=cfg.tau), (X,), grid, metrics={"loss": "loss"},
+                 record_every=cfg.steps, name=f"dimensional-{variant}", keep_params=True, random_inputs=4)
+
+
+def train_variants(variants: list[str], X: torch.Tensor, cfg: Config, ctx: Context) -> dict:
+    """Train every seed of every variant on the sweep engine (``ctx.sweep``, one sweep per variant, one run
+    per seed). Run (variant, seed s) has sweep seed r = :func:`run_seed` whatever the variant, so it starts
+    from seed s's initialisation and sees seed s's minibatches and augmentations (paired comparisons).
+
+    Returns {variant: {"theta": θ_V (S, rep, d), "psi": ψ_V, "final_loss": [S]}} with ψ_V the trained
+    parameter, θ_V = θ₀ + ψ_V (θ₀ rebuilt by the factory) and ``final_loss`` the clean-image InfoNCE of the
+    trained encoder on all images (the sweep's ``loss`` metric: views without augmentation)."""
+    from ..sweep import final_params
+
     known = variant_names(cfg)
     if any(v not in known for v in variants):
         raise ValueError(f"dimensional: unknown variant in {variants}; known: {known}")
-    with_projector = {v != "no_projector" for v in variants}
-    if len(with_projector) != 1:
-        raise ValueError("dimensional: train variants with and without a projector separately")
-    S, V = len(cfg.seeds), len(variants)
-    gens = [torch.Generator().manual_seed(cfg.seed + 1 + 100 * s) for _ in variants for s in cfg.seeds]
-    model = StackedLinearSSL(X.shape[1], cfg.rep_dim, cfg.emb_dim if with_projector.pop() else None, gens)
-    sigmas = torch.tensor([float(v.split("=")[1]) if v.startswith("syre") else 0.0 for v in variants])
-    per_copy = sigmas.repeat_interleave(S)
-    removal = remove_symmetries(model, sigma=1.0, seed=cfg.seed + 2)  # parametrize: decay is towards θ₀
-    with torch.no_grad():
-        for name, offset in removal.offsets.items():
-            theta = getattr(model, name).clone()
-            offset.mul_(per_copy.view(-1, 1, 1).to(offset.dtype))
-            setattr(model, name, theta)  # right_inverse: ψ = θ_init − θ₀, the function is unchanged
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 3)
-    loss = torch.full((V * S,), math.nan)
-    for _ in range(cfg.steps):
-        x = X[torch.randint(0, len(X), (S, cfg.batch), generator=data_gen)]
-        v1, v2 = augment(x, cfg, data_gen).repeat(V, 1, 1), augment(x, cfg, data_gen).repeat(V, 1, 1)
-        loss = info_nce(model(v1)[1], model(v2)[1], cfg.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()  # copies are independent: each gets the gradient of its own loss
-        opt.step()
-    theta, psi = learned_encoder(model, removal)
-    losses = loss.detach()
-    return {v: {"theta": theta[j * S:(j + 1) * S], "psi": psi[j * S:(j + 1) * S],
-                "final_loss": losses[j * S:(j + 1) * S].tolist()} for j, v in enumerate(variants)}
+    out = {}
+    for v in ctx.track(variants, "dimensional: variants"):
+        sweep = variant_sweep(v, X, cfg)
+        slug = v.replace(" σ₀=", "-sigma")
+        df = ctx.sweep(sweep, f"sweep-{slug}")
+        psi, theta = [], []
+        for (_, row), config in zip(df.iterrows(), sweep.configs, strict=True):
+            p = final_params(row)["encoder"]
+            offset = sweep.problem.model_factory(config["seed"]).encoder_offset
+            psi.append(p)
+            theta.append(offset + p)
+        out[v] = {"theta": torch.stack(theta), "psi": torch.stack(psi), "final_loss": df["loss"].tolist()}
+    return out
 
 
 def probe_accuracy(r: torch.Tensor, y: torch.Tensor, n_train: int) -> float:
@@ -198,10 +252,7 @@ def run(cfg: Config, ctx: Context) -> dict:
     X = X - X.mean(0)
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(cfg.seed))  # probe split
     names = variant_names(cfg)
-    groups = [[v for v in names if v != "no_projector"], ["no_projector"]]
-    trained = {}
-    for group in ctx.track(groups, "dimensional: with / without projector"):
-        trained.update(train_variants(group, X, cfg))
+    trained = train_variants(names, X, cfg, ctx)
     out = {}
     for v in names:
         t = trained[v]

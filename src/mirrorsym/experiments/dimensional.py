@@ -108,6 +108,9 @@ class OffsetLinearSSL(nn.Module):
     x ⊙ [Φ(ε₂ₐ) < keep] + noise · ε₂ₐ₊₁ — in distribution exactly :func:`augment` (Φ(ε) ~ U(0, 1), so the mask
     is Bernoulli(keep); the noise is N(0, noise²); all independent)."""
 
+    encoder_offset: torch.Tensor
+    projector_offset: torch.Tensor
+
     def __init__(self, theta: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor], keep: float,
                  noise: float):
         super().__init__()

@@ -273,3 +273,16 @@ def test_sigma_sweep_finding_follows_the_trainability_order():
     falling = {**base, "syre_small": 0.6, "syre": 0.5, "syre_mid": 0.4, "syre_large": 0.3}
     (down,) = [c for c in P.claims(_fake_results(falling, surface), cfg) if "σ₀ sweep" in c.claim]
     assert down.verdict == "contradicted"
+
+
+def test_any_cut_of_the_seeds_into_jobs_gives_the_same_per_seed_rows():
+    """``run`` cuts the seeds into ``ctx.map`` jobs (one here, one per Ray worker there): each seed's rows
+    must not depend on the cut, so a run on Ray reports the same numbers as one here."""
+    cfg = replace(P.CONFIGS["tiny"], tasks=2, rl_epochs=4)
+    whole = P.run_seeds("random_labels", cfg, range(3), None, "cpu")
+    parts = [P.run_seeds("random_labels", cfg, r, None, "cpu") for r in (range(0, 1), range(1, 3))]
+    for m, rows in whole["per_seed"].items():
+        for k, v in rows.items():
+            assert v == [row for p in parts for row in p["per_seed"][m][k]], (m, k)
+    assert whole["cbp_replaced"] == [r for p in parts for r in p["cbp_replaced"]]
+    assert whole["per_seed"]["plain"]["final_acc"][0] != whole["per_seed"]["plain"]["final_acc"][1]  # 2 seeds

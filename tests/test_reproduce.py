@@ -37,8 +37,9 @@ def test_each_experiment_tiny_passes_its_checks(name, tmp_path):
     assert ran["device"] == "cpu" and ran["backend"] == "local"
     swept = [p.parent.name for p in (tmp_path / name).glob("*/sweep.json")]
     assert sorted(s["store"] for s in ran["sweeps"]) == sorted(swept)  # every sweep store is recorded
-    assert ran["engine"] == ("mirrorsym.sweep" if swept else "in-process")
-    assert ran["n_runs"] == sum(s["n_runs"] for s in ran["sweeps"]) and (ran["n_runs"] > 0) == bool(swept)
+    assert ran["engine"] == ("mirrorsym.sweep" if swept else "jobs" if ran["jobs"] else "in-process")
+    assert ran["n_runs"] == sum(s["n_runs"] for s in ran["sweeps"] + ran["jobs"])
+    assert (ran["n_runs"] > 0) == bool(swept or ran["jobs"])
 
 
 @dataclass(frozen=True)

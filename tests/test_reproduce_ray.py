@@ -1,5 +1,6 @@
-"""`mirrorsym reproduce --backend ray` runs every grid experiment's sweeps through Ray and produces the same
-claims as the local backend (issue 16), on a local Ray instance with 2 CPUs, at the tiny size."""
+"""`mirrorsym reproduce --backend ray` runs every grid experiment's sweeps (and the seeds of the experiments
+with their own training loops, as jobs) through Ray and produces the same claims as the local backend
+(issue 16), on a local Ray instance with 2 CPUs, at the tiny size."""
 
 import json
 import math
@@ -34,9 +35,12 @@ def local_ray():
 def test_every_grid_experiment_gives_the_same_claims_on_ray(tmp_path, local_ray):
     local = tmp_path / "local"
     assert runner.run_reproduction(None, size="tiny", out=local, device="cpu") == 0
-    grids = [name for name in registry()
-             if json.loads((local / name / "results.json").read_text())["execution"]["engine"] == "mirrorsym.sweep"]
-    assert {"sparsity", "lowrank", "noise", "permutation", "transformer", "posterior", "dimensional"} <= set(grids)
+    engines = {name: json.loads((local / name / "results.json").read_text())["execution"]["engine"]
+               for name in registry()}
+    grids = [name for name, engine in engines.items() if engine in ("mirrorsym.sweep", "jobs")]
+    assert {"sparsity", "lowrank", "noise", "permutation", "transformer", "posterior", "dimensional"} <= {
+        name for name in grids if engines[name] == "mirrorsym.sweep"}
+    assert {"plasticity", "dcs"} <= {name for name in grids if engines[name] == "jobs"}
     remote = tmp_path / "ray"
     assert runner.run_reproduction(grids, size="tiny", out=remote, device="cpu", backend="ray") == 0
     for name in grids:

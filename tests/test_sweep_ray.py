@@ -64,3 +64,42 @@ def test_ray_splits_a_sweep_over_every_worker(tmp_path, local_ray):
     assert len(list((tmp_path / "out" / "runs").glob("chunk-*.parquet"))) == 2
     workers = {int(line) for line in log.read_text().split()} - {os.getpid()}
     assert len(workers) >= 2, workers
+
+
+def _job(a, b):
+    if b < 0:
+        raise ValueError(f"job refused b={b}")
+    return {"sum": a + b, "pid": os.getpid()}
+
+
+@pytest.mark.slow
+def test_map_jobs_on_ray_returns_the_local_results_in_order_and_raises_job_errors(local_ray):
+    from mirrorsym.sweep.backends import map_jobs
+
+    jobs = [(i, 10 * i) for i in range(6)]
+    here = map_jobs(_job, jobs, backend="local")
+    there = map_jobs(_job, jobs, backend="ray")
+    assert [r["sum"] for r in there] == [r["sum"] for r in here] == [11 * i for i in range(6)]
+    assert {r["pid"] for r in here} == {os.getpid()} and os.getpid() not in {r["pid"] for r in there}
+    with pytest.raises(Exception, match="job refused b=-1"):
+        map_jobs(_job, [(0, 1), (0, -1)], backend="ray")
+    with pytest.raises(ValueError, match="backend must be 'local' or 'ray'"):
+        map_jobs(_job, jobs, backend="dask")
+
+
+@pytest.mark.slow
+def test_context_splits_seeds_over_the_ray_workers_and_travels_without_its_progress_bar(tmp_path, local_ray):
+    import pickle
+
+    from mirrorsym.experiments.base import Context
+
+    assert Context(tmp_path).split(5) == [range(5)]  # local: one job, batched code stays batched
+    ctx = Context(tmp_path, backend="ray", progress=object())
+    assert ctx.split(5) == [range(0, 2), range(2, 5)] and ctx.split(1) == [range(1)]
+    ctx.sweeps.append({"n_runs": 3})
+    sent = pickle.loads(pickle.dumps(ctx))
+    assert sent.progress is None and sent.sweeps == [] and sent.out_dir == ctx.out_dir and sent.backend == "ray"
+    assert ctx.progress is not None and ctx.sweeps  # the driver's context keeps both
+    out = ctx.map(_job, [(1, 2), (3, 4)], "pairs", runs=6)
+    assert [r["sum"] for r in out] == [3, 7]
+    assert ctx.execution()["n_runs"] == 9 and ctx.execution()["jobs"] == [{"name": "pairs", "n_jobs": 2, "n_runs": 6}]

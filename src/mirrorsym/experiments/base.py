@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,23 +179,53 @@ class Context:
     progress: Any = None  # rich.progress.Progress or None
     data_dir: Path | None = None
     sweeps: list[dict] = field(default_factory=list)  # what each ``ctx.sweep`` ran (see ``execution``)
+    jobs: list[dict] = field(default_factory=list)  # what each ``ctx.map`` ran
+
+    def __getstate__(self) -> dict:
+        """A context sent to a Ray worker (pickled) carries no progress bar and no records."""
+        return {**self.__dict__, "progress": None, "sweeps": [], "jobs": []}
 
     def sweep(self, sweep: Any, store: str = "sweep", chunk_size: int = 128):
         """Run a :class:`mirrorsym.sweep.Sweep` with this context's backend, address and device into
         ``out_dir/<store>`` (resumable) and record what ran; returns its DataFrame. Every grid of an
-        experiment goes through here, so ``--device`` and ``--backend ray`` reach it."""
+        experiment that the engine can express goes through here, so ``--device`` and ``--backend ray``
+        reach it."""
         df = sweep.run(self.out_dir / store, backend=self.backend, address=self.address, device=self.device,
                        progress=False, chunk_size=chunk_size)
         self.sweeps.append({"store": store, "name": sweep.name, "n_runs": int(len(df))})
         return df
 
+    def map(self, fn: Callable, jobs: Sequence[tuple], name: str, runs: int | None = None) -> list:
+        """``[fn(*args) for args in jobs]`` with this context's backend (Ray tasks with ``--backend ray``;
+        :func:`mirrorsym.sweep.backends.map_jobs`), for the seeds and grids that the sweep engine cannot
+        express (their own training loops); ``fn`` must be a module-level function. Records the jobs and
+        ``runs`` (the training runs they hold; default one per job) for ``execution``."""
+        from ..sweep.backends import map_jobs
+
+        out = map_jobs(fn, jobs, backend=self.backend, address=self.address)
+        self.jobs.append({"name": name, "n_jobs": len(jobs), "n_runs": len(jobs) if runs is None else runs})
+        return out
+
+    def split(self, n: int) -> list[range]:
+        """Cut ``n`` independent units (seeds) into consecutive jobs for :meth:`map`: one job here (code that
+        batches the units stays batched), ``min(n, workers)`` balanced jobs on Ray."""
+        if self.backend != "ray" or n <= 1:
+            return [range(n)]
+        from ..sweep.backends import ray_session
+
+        with ray_session(self.address) as workers:
+            k = min(n, workers)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def execution(self) -> dict:
         """What the experiment ran on, for its ``results.json``: the engine (``mirrorsym.sweep`` when any
-        grid went through :meth:`sweep`, else ``in-process``), backend, device and number of sweep runs."""
-        used = bool(self.sweeps)
-        return {"engine": "mirrorsym.sweep" if used else "in-process",
-                "backend": self.backend if used else "local", "device": str(self.device),
-                "n_runs": sum(s["n_runs"] for s in self.sweeps), "sweeps": list(self.sweeps)}
+        grid went through :meth:`sweep`, ``jobs`` when only :meth:`map` ran work, else ``in-process``),
+        backend, device and number of training runs."""
+        engine = "mirrorsym.sweep" if self.sweeps else "jobs" if self.jobs else "in-process"
+        return {"engine": engine, "backend": self.backend if engine != "in-process" else "local",
+                "device": str(self.device), "n_runs": sum(s["n_runs"] for s in self.sweeps + self.jobs),
+                "sweeps": list(self.sweeps), "jobs": list(self.jobs)}
 
     def track(self, items: Iterable, description: str = "", total: int | None = None) -> Iterator:
         if self.progress is None:

@@ -27,6 +27,10 @@ global thresholds of the dense fit, then up to ``tw_rounds`` calibration runs), 
 ``tw_seeds`` fresh seeds (new initialisation, new dense fit, DCS at the suggested γ and steps): the reached
 width is what ``ms.constrain.export`` keeps. Rule fixed before the run: |reached − target| ≤
 max(2, 0.25 · target) units, per seed.
+
+Engine: the gated models train in their own loops (parametrised gates, a decay ramp), which the sweep
+engine's grid of optimizer settings does not express; the seeds of parts (b) and (c) are independent jobs of
+``ctx.map`` instead, so ``--backend ray`` trains them on the cluster (one task per seed).
 """
 
 from __future__ import annotations
@@ -273,7 +277,8 @@ def run_cnn(cfg: Config, ctx: Context) -> dict:
     train, test = digits_split(cfg, ctx.generator(cfg.seed + 10))
     train = tuple(t.to(ctx.device) for t in train)
     test = tuple(t.to(ctx.device) for t in test)
-    runs = [run_cnn_seed(cfg, ctx, train, test, cfg.seed + 100 * s) for s in range(cfg.cnn_seeds)]
+    runs = ctx.map(run_cnn_seed, [(cfg, ctx, train, test, cfg.seed + 100 * s) for s in range(cfg.cnn_seeds)],
+                   "dcs-cnn", runs=2 * cfg.cnn_seeds)  # a dense and a DCS model per seed
     keys = ("params_before", "params_after", "acc_dense", "acc_dcs", "acc_exported", "export_rel_error")
     return {**runs[0], "seeds": [{k: r[k] for k in keys} for r in runs]}
 
@@ -361,32 +366,45 @@ def run_width(cfg: Config, ctx: Context) -> dict:
     test = (x[perm[cfg.tw_n_train :]].to(ctx.device), y[perm[cfg.tw_n_train :]].to(ctx.device))
     lr, momentum = cfg.tw_lr, cfg.tw_momentum
     dense0 = fit_mlp(make_mlp(cfg, cfg.seed).to(ctx.device), train, cfg.tw_dense_steps, lr, momentum)
-    fresh = [fit_mlp(make_mlp(cfg, cfg.seed + 1 + i).to(ctx.device), train, cfg.tw_dense_steps, lr, momentum)
-             for i in range(cfg.tw_seeds)]
-    out = []
+    suggestions = []
     for target in ctx.track(cfg.tw_targets, "target widths"):
         def calibrate(gamma, steps):
             return fit_mlp(copy.deepcopy(dense0), train, cfg.tw_ramp + steps, lr, momentum, gamma=gamma,
                            ramp=cfg.tw_ramp)
 
-        s = ms.constrain.suggest_decay(dense0, nn.functional.cross_entropy, train, target, train=calibrate,
-                                       rounds=cfg.tw_rounds, min_steps=0, lr=lr, momentum=momentum)
-        reached, acc = [], []
-        for dense in fresh:
-            model = fit_mlp(copy.deepcopy(dense), train, cfg.tw_ramp + s.steps, lr, momentum, gamma=s.gamma,
-                            ramp=cfg.tw_ramp)
-            small, _ = ms.constrain.export(model, train[0], tol=s.tol)
-            hidden = small[0] if isinstance(small, nn.Sequential) else None
-            if not isinstance(hidden, nn.Linear):
-                raise TypeError(f"dcs: the exported model does not start with an nn.Linear: {small}")
-            reached.append(hidden.out_features)
-            acc.append(float(_accuracy(small, *test)))
-        out.append({"target": target, "gamma": s.gamma, "torch_weight_decay": s.torch_weight_decay,
-                    "steps": cfg.tw_ramp + s.steps, "first_gamma": s.rounds[0].gamma if s.rounds else s.gamma,
-                    "rounds": [[r.gamma, r.steps, r.width] for r in s.rounds], "reached": reached,
-                    "accuracy": acc, "curve_gammas": s.gammas, "curve_widths": s.widths})
-    return {"hidden": cfg.tw_hidden, "dense_accuracy": [float(_accuracy(d, *test)) for d in fresh],
-            "targets": out}
+        suggestions.append(ms.constrain.suggest_decay(dense0, nn.functional.cross_entropy, train, target,
+                                                      train=calibrate, rounds=cfg.tw_rounds, min_steps=0, lr=lr,
+                                                      momentum=momentum))
+    settings = [(s.gamma, s.steps, s.tol) for s in suggestions]
+    fresh = ctx.map(run_width_seed, [(cfg, cfg.seed + 1 + i, train, test, settings) for i in range(cfg.tw_seeds)],
+                    "dcs-width", runs=cfg.tw_seeds * (1 + len(settings)))
+    out = [{"target": target, "gamma": s.gamma, "torch_weight_decay": s.torch_weight_decay,
+            "steps": cfg.tw_ramp + s.steps, "first_gamma": s.rounds[0].gamma if s.rounds else s.gamma,
+            "rounds": [[r.gamma, r.steps, r.width] for r in s.rounds],
+            "reached": [f["reached"][j] for f in fresh], "accuracy": [f["accuracy"][j] for f in fresh],
+            "curve_gammas": s.gammas, "curve_widths": s.widths}
+           for j, (target, s) in enumerate(zip(cfg.tw_targets, suggestions, strict=True))]
+    return {"hidden": cfg.tw_hidden, "dense_accuracy": [f["dense_accuracy"] for f in fresh], "targets": out}
+
+
+def run_width_seed(cfg: Config, seed: int, train, test, settings: list[tuple[float, int, float]]) -> dict:
+    """One fresh seed of part (c), a job of ``ctx.map``: the dense fit from ``seed``, then DCS from it at
+    each suggested (γ, steps, export tolerance); the exported hidden width and test accuracy of each."""
+    import mirrorsym as ms
+
+    lr, momentum = cfg.tw_lr, cfg.tw_momentum
+    dense = fit_mlp(make_mlp(cfg, seed).to(train[0].device), train, cfg.tw_dense_steps, lr, momentum)
+    reached, acc = [], []
+    for gamma, steps, tol in settings:
+        model = fit_mlp(copy.deepcopy(dense), train, cfg.tw_ramp + steps, lr, momentum, gamma=gamma,
+                        ramp=cfg.tw_ramp)
+        small, _ = ms.constrain.export(model, train[0], tol=tol)
+        hidden = small[0] if isinstance(small, nn.Sequential) else None
+        if not isinstance(hidden, nn.Linear):
+            raise TypeError(f"dcs: the exported model does not start with an nn.Linear: {small}")
+        reached.append(hidden.out_features)
+        acc.append(float(_accuracy(small, *test)))
+    return {"dense_accuracy": float(_accuracy(dense, *test)), "reached": reached, "accuracy": acc}
 
 
 def run(cfg: Config, ctx: Context) -> dict:

@@ -23,7 +23,9 @@ the objective L + (λ/2)‖φ − θ₀‖²). The centres θ₀, the noise scal
 library's own (each copy's θ₀ is ``remove_symmetries(copy, ...).offsets``).
 
 Engine: ``ctx.sweep`` is not used: task switches and method-specific steps (decoupled decay, noise,
-unit replacement) do not fit its grid of optimizer settings. Instead every (method, seed) pair is one copy
+unit replacement) do not fit its grid of optimizer settings. The seeds go through ``ctx.map`` instead (one
+job here; on Ray as many jobs as workers, each a consecutive range of seeds, with the same per-seed
+results), and within a job every (method, seed) pair is one copy
 of a :class:`~mirrorsym.experiments.continual.BatchedMLP` (seeds vectorised by hand: one batched matmul
 per layer for all copies, each copy fed its own seed's minibatch) and the method steps are applied per
 copy (:class:`Methods`; the tests check each against the library's optimizer hooks on single models).
@@ -396,17 +398,29 @@ def run(cfg: Config, ctx: Context) -> dict:
     settings = list(cfg.settings) + (["permuted_mnist"] if cfg.mnist and has_mnist(ctx.data_dir) else [])
     out, checks = {}, {}
     for s in settings:
-        cpu = s != "permuted_mnist" or torch.device(ctx.device).type == "cpu"
-        with single_threaded() if cpu else contextlib.nullcontext():  # many tiny batched ops
-            r = run_setting(s, cfg, ctx.data_dir, ctx.device, ctx.track)
-        out[s] = r["per_seed"]
-        checks[s] = {"batched_vs_mlp": r["batched_vs_mlp"], "cbp_replaced": r["cbp_replaced"]}
+        parts = ctx.map(run_seeds, [(s, cfg, seeds, ctx.data_dir, ctx.device, ctx.track)
+                                    for seeds in ctx.split(cfg.seeds)],
+                        f"plasticity-{s}", runs=cfg.seeds * len(cfg.methods))
+        out[s] = {m: {k: [row for p in parts for row in p["per_seed"][m][k]] for k in METRICS} for m in cfg.methods}
+        checks[s] = {"batched_vs_mlp": max(p["batched_vs_mlp"] for p in parts),
+                     "cbp_replaced": [r for p in parts for r in p["cbp_replaced"]]}
     means = {s: {m: {k: np.nanmean(np.asarray(v, dtype=float), axis=0).tolist() for k, v in rows.items()}
                  for m, rows in out[s].items()} for s in settings}
     units = {s: cfg.mnist_width * cfg.mnist_depth if s == "permuted_mnist" else cfg.width * cfg.depth
              for s in settings}
     return {"settings": settings, "methods": list(cfg.methods), "seeds": cfg.seeds, "last": cfg.last, "units": units,
             "results": means, "per_seed": out, "checks": checks}
+
+
+def run_seeds(setting: str, cfg: Config, seeds: range, data_dir, device, track=None) -> dict:
+    """:func:`run_setting` for the seeds ``seeds`` (consecutive indices) only: one job of ``ctx.map``.
+    Every generator of seed s is keyed by ``cfg.seed + s`` (:func:`_seed`), so the seeds of a shifted config
+    are the same seeds, and each copy of a batched run is computed on its own: any cut of the seeds into
+    jobs gives the very same per-seed rows."""
+    cpu = setting != "permuted_mnist" or torch.device(device).type == "cpu"
+    with single_threaded() if cpu else contextlib.nullcontext():  # many tiny batched ops
+        return run_setting(setting, replace(cfg, seed=cfg.seed + seeds.start, seeds=len(seeds)), data_dir, device,
+                           track)
 
 
 def _acc_key(setting: str) -> str:

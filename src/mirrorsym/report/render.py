@@ -35,10 +35,11 @@ VERDICTS = ("reproduced", "not reproduced", "contradicted")
 
 def ran_on(execution: dict) -> str:
     """One line from an experiment's ``execution`` record (see ``Context.execution``)."""
-    if execution.get("engine") != "mirrorsym.sweep":
+    engine = execution.get("engine")
+    if engine not in ("mirrorsym.sweep", "jobs"):
         return f"in-process loops on {execution.get('device', '?')}"
-    return (f"mirrorsym.sweep, {execution['n_runs']} runs, backend {execution['backend']}, "
-            f"device {execution['device']}")
+    what = "mirrorsym.sweep" if engine == "mirrorsym.sweep" else "independent jobs (own training loops)"
+    return f"{what}, {execution['n_runs']} runs, backend {execution['backend']}, device {execution['device']}"
 
 
 def _split(claims: list[dict]) -> tuple[list[dict], list[dict]]:

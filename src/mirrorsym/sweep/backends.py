@@ -20,6 +20,11 @@ remote one (the CLI's ``--backend ray --address ADDR`` mean exactly this). If Ra
 initialised in this process it is used as is. Model factory, loss and metrics travel to the workers by
 cloudpickle: define them at the top of an importable module (installed on the workers) or in
 ``__main__``. ``ray_options`` go to ``.options()`` of the task, e.g. ``{"num_gpus": 1}`` per chunk.
+
+**Jobs.** Work that a vmapped grid of optimizer settings cannot express (task sequences, per-step unit
+resets, parametrised models with their own loops) goes through :func:`map_jobs`: independent calls of one
+function, in this process or as Ray tasks with the same connection rules and task options, results in
+the order of the calls.
 """
 
 from __future__ import annotations
@@ -137,6 +142,28 @@ def run_ray(problem: Problem, chunks: Sequence[Chunk], store: ResultStore, devic
     finally:
         for claim in claims.values():
             claim.release()
+
+
+def map_jobs(fn: Callable, jobs: Sequence[tuple], backend: str = "local", address: str | None = None,
+             ray_options: dict | None = None) -> list:
+    """``[fn(*args) for args in jobs]``, here (``backend="local"``, one after the other) or as Ray tasks
+    (``"ray"``: all sent at once, one CPU each unless ``ray_options`` says otherwise). ``fn`` and its
+    arguments travel by cloudpickle, so ``fn`` must be importable on the workers. On Ctrl-C or an error
+    the outstanding tasks are cancelled."""
+    if backend == "local":
+        return [fn(*args) for args in jobs]
+    if backend != "ray":
+        raise ValueError(f"map_jobs: backend must be 'local' or 'ray', got {backend!r}")
+    ray = _import_ray()
+    with ray_session(address, ray_options):
+        task = ray.remote(fn).options(**_task_options(ray_options))
+        refs = [task.remote(*args) for args in jobs]
+        try:
+            return ray.get(refs)
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
 
 
 def _run_ray_claimed(problem, chunks, claims, store, device, advance, on_chunk, address, ray_options):

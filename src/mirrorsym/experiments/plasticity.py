@@ -346,9 +346,9 @@ def run_setting(setting: str, cfg: Config, data_dir=None, device: torch.device |
         for j, (m, s) in enumerate(methods.copies):
             rows[m]["online_acc"][s].append(online[j])
     with torch.no_grad():
-        p = probe[0].double().cpu()
         logits = net(probe[seed_of].to(dev))[0].double().cpu()
-        gap = max(float((net.copy(k)(p)[0] - logits[k]).abs().max()) for k in range(K) if methods.seed_of[k] == 0)
+        probes = probe.double().cpu()
+        gap = max(float((net.copy(k)(probes[s])[0] - logits[k]).abs().max()) for k, (_, s) in enumerate(methods.copies))
     return {"per_seed": rows, "batched_vs_mlp": gap, "cbp_replaced": methods.cbp.replaced}
 
 

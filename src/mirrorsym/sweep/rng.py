@@ -128,11 +128,16 @@ def _indices(h, step: int, n: int, batch_size: int, batch: tuple, device, replac
 
 def _normals(h, step: int, stream: int, shape, dtype, batch: tuple, device) -> torch.Tensor:
     numel = math.prod(shape)
-    w = words(step_key(h, step, stream), 2 * numel, device).double()
-    u = (w + 0.5) / 2.0**32
-    u1, u2 = u[..., :numel], u[..., numel:]
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    z = _box_muller(words(step_key(h, step, stream), 2 * numel, device).double(), numel)
     return z.reshape(*batch, *shape).to(dtype)
+
+
+def _box_muller(w: torch.Tensor, numel: int) -> torch.Tensor:
+    """Standard normals from float64 32-bit words ``w`` (..., 2·numel), overwritten: u = (w + ½)/2³²,
+    z = √(−2 log u₁) cos(2π u₂). In place (the block draw is memory-bound); ×2⁻³² is exactly /2³²."""
+    u = w.add_(0.5).mul_(2.0**-32)
+    u1, u2 = u[..., :numel], u[..., numel:]
+    return u1.log_().mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * math.pi).cos_())
 
 
 def batch_indices(seed, step: int, n: int, batch_size: int, device=None, replace: bool = True) -> torch.Tensor:
@@ -231,8 +236,5 @@ class Streams:
         shape = tuple(shape)
         numel = math.prod(shape)
         keys = _step_keys_np(self._key_np(purpose), step0, count, stream)
-        w = torch.from_numpy(_words_np(keys, 2 * numel).astype(np.int64)).to(self.device).double()
-        u = (w + 0.5) / 2.0**32
-        u1, u2 = u[..., :numel], u[..., numel:]
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-        return z.reshape(count, *self.batch, *shape).to(dtype)
+        w = torch.from_numpy(_words_np(keys, 2 * numel).astype(np.float64)).to(self.device)
+        return _box_muller(w, numel).reshape(count, *self.batch, *shape).to(dtype)

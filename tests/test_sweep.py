@@ -179,6 +179,21 @@ def test_gaussian_is_standard_normal_and_reproducible():
     assert not torch.equal(z[0], rng.gaussian(3, rng.NOISE, 5, 2, (50_000,), torch.float64))
 
 
+
+def test_gaussian_block_is_box_muller_of_the_documented_words():
+    """The normals are √(−2 log u₁) cos(2π u₂) of u = (w + ½)/2³² for the first and second halves of the
+    2n words of (seed, purpose, step, stream), evaluated here out of place in numpy (independent of the
+    library's in-place evaluation), for a block of steps and for one step."""
+    seeds, n, step0, count = torch.tensor([3, 0, 2**32 - 1]), 6, 9, 4
+    block = rng.Streams(seeds).gaussian_block(rng.RANDOM_INPUTS, step0, count, 2, (2, 3), torch.float64)
+    for t in range(count):
+        w = rng.words(rng.step_key(rng.seed_key(seeds, rng.RANDOM_INPUTS), step0 + t, 2), 2 * n).numpy()
+        u = (w.astype(np.float64) + 0.5) / 2.0**32
+        z = np.sqrt(-2.0 * np.log(u[:, :n])) * np.cos(2.0 * np.pi * u[:, n:])
+        np.testing.assert_allclose(block[t].reshape(3, n).numpy(), z, rtol=1e-13, atol=1e-14)
+        one = rng.gaussian(seeds, rng.RANDOM_INPUTS, step0 + t, 2, (2, 3), torch.float64)
+        assert torch.equal(one, block[t])
+
 # ---------------------------------------------------------------- divergence
 def test_diverged_copy_is_recorded_and_frozen_without_touching_the_others(tmp_path):
     grid = {"lr": [0.05, 3000.0, 0.2], "momentum": 0.9, "weight_decay": 0.01, "batch_size": 8, "steps": 45}

@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import mirrorsym.report.runner as runner
@@ -206,3 +207,10 @@ def test_claim_kinds_are_validated():
         Claim("f", 0, 0, True, kind="finding", verdict="reproduced", rule="r", seeds=1)
     with pytest.raises(ValueError, match="kind"):
         Claim("f", 0, 0, True, kind="guess")
+
+
+def test_ray_tasks_ask_for_a_gpu_only_when_the_experiment_runs_on_cuda(tmp_path):
+    from mirrorsym.experiments.base import Context
+
+    assert Context(tmp_path, device=torch.device("cuda"), backend="ray").ray_options == {"num_gpus": 1}
+    assert Context(tmp_path, device=torch.device("cpu"), backend="ray").ray_options is None

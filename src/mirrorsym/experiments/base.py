@@ -185,13 +185,19 @@ class Context:
         """A context sent to a Ray worker (pickled) carries no progress bar and no records."""
         return {**self.__dict__, "progress": None, "sweeps": [], "jobs": []}
 
+    @property
+    def ray_options(self) -> dict | None:
+        """What each Ray task asks for: one GPU when the experiment runs on CUDA (a task without one sees no
+        GPU), else the default (one CPU)."""
+        return {"num_gpus": 1} if self.device.type == "cuda" else None
+
     def sweep(self, sweep: Any, store: str = "sweep", chunk_size: int = 128):
         """Run a :class:`mirrorsym.sweep.Sweep` with this context's backend, address and device into
         ``out_dir/<store>`` (resumable) and record what ran; returns its DataFrame. Every grid of an
         experiment that the engine can express goes through here, so ``--device`` and ``--backend ray``
         reach it."""
         df = sweep.run(self.out_dir / store, backend=self.backend, address=self.address, device=self.device,
-                       progress=False, chunk_size=chunk_size)
+                       progress=False, chunk_size=chunk_size, ray_options=self.ray_options)
         self.sweeps.append({"store": store, "name": sweep.name, "n_runs": int(len(df))})
         return df
 
@@ -202,7 +208,7 @@ class Context:
         ``runs`` (the training runs they hold; default one per job) for ``execution``."""
         from ..sweep.backends import map_jobs
 
-        out = map_jobs(fn, jobs, backend=self.backend, address=self.address)
+        out = map_jobs(fn, jobs, backend=self.backend, address=self.address, ray_options=self.ray_options)
         self.jobs.append({"name": name, "n_jobs": len(jobs), "n_runs": len(jobs) if runs is None else runs})
         return out
 
@@ -213,7 +219,7 @@ class Context:
             return [range(n)]
         from ..sweep.backends import ray_session
 
-        with ray_session(self.address) as workers:
+        with ray_session(self.address, self.ray_options) as workers:
             k = min(n, workers)
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -2,7 +2,8 @@
 
 Entry points: :class:`Sweep` (``.run(out_dir, backend="local"|"ray", address=None, device="auto",
 chunk_size=128) -> DataFrame``; ``out_dir`` a path or a filesystem URL), :func:`load_results` and, for
-sweeps with ``keep_params=True``, :func:`final_params` (a row's trained parameters).
+sweeps with ``keep_params=True``, :func:`final_params` (a row's trained parameters); :func:`map_jobs` for
+independent runs that are not a grid of optimizer settings (their own training loops), here or on Ray.
 Optimizers: SGD (momentum, Nesterov), Adam, AdamW, step/cosine schedules and gradient clipping
 (:mod:`mirrorsym.sweep.config`). Conventions: ``weight_decay`` is torch's coupled λ, i.e. γ = λ/2 in
 L + γ‖θ‖² (docs/theory.md#conventions), except for AdamW (decoupled decay: no penalty); every random draw of a run is
@@ -11,6 +12,7 @@ a function of its seed (:mod:`mirrorsym.sweep.rng`), so a plain PyTorch loop rep
 """
 
 from . import rng
+from .backends import map_jobs
 from .config import OPTIONS, STANDARD, expand_grid, register_option, run_id
 from .engine import UnsupportedModel, final_params, resolve_device, train_chunk
 from .reference import train_plain
@@ -26,6 +28,7 @@ __all__ = [
     "expand_grid",
     "final_params",
     "load_results",
+    "map_jobs",
     "plan_chunks",
     "register_option",
     "resolve_device",

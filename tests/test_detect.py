@@ -409,8 +409,10 @@ class Residual(nn.Module):
 def test_rms_norm_lets_the_stream_flip_signs_layer_norm_does_not(trace):
     """x / rms(x) is odd in each coordinate: the stream's sign flip moves inp's rows and bias, f's rows and
     bias (it writes the stream), out's columns (it reads it) and the RMSNorm weight, which takes the flip
-    back so that f's columns stay. Without a weight the flip goes through the norm to f's columns. LayerNorm
-    subtracts the mean of the coordinates: no sign flip."""
+    back so that f's columns stay. Without a weight any orthogonal Q goes through the norm (rms(Qh) = rms(h)):
+    the stream rotates (inp's and f's rows and biases, f's and out's columns), its sign flips and
+    permutations included, so no separate sign_flip. LayerNorm subtracts the mean of the coordinates: no
+    sign flip."""
     x = torch.randn(5, 3)
     torch.manual_seed(0)
     model = Residual(nn.RMSNorm(6))
@@ -424,8 +426,9 @@ def test_rms_norm_lets_the_stream_flip_signs_layer_norm_does_not(trace):
     torch.manual_seed(0)
     bare = Residual(nn.RMSNorm(6, elementwise_affine=False))
     smap = find_quiet(bare, x)
-    flip = smap.by_kind("sign_flip")[0]
-    assert set(flip.params) == stream and {m.dim for m in flip.members if m.name == "f.weight"} == {0, 1}
+    assert not smap.by_kind("sign_flip")
+    (rot,) = smap.by_kind("rotation")
+    assert set(rot.params) == stream and {m.dim for m in rot.members if m.name == "f.weight"} == {0, 1}
     assert_groups_preserve_outputs(bare, x, smap)
     torch.manual_seed(0)
     layer_norm = Residual(nn.LayerNorm(6))

@@ -157,7 +157,8 @@ _reg(
     ],
     R._unary(NONE, False),
 )
-_reg(["abs.default", "square.default", "cos.default"], R._even)
+_reg(["abs.default", "cos.default"], R._even)
+_reg(["square.default"], R._square)
 _reg(["pow.Tensor_Scalar"], R._pow)
 
 
@@ -469,7 +470,9 @@ _reg(["layer_norm.default"], R._f_layer_norm)
 def _rms_norm(ctx: RuleContext) -> None:
     shape = ctx.arg(1, "normalized_shape")
     w = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("weight")
-    R._norm_last(ctx, len(shape), w if isinstance(w, TensorAxes) else None, None)
+    w = w if isinstance(w, TensorAxes) else None
+    # without a weight: x / rms(x), which rotations pass (see _norm_last)
+    R._norm_last(ctx, len(shape), w, None, rms=w is None)
 
 
 _reg(["rms_norm.default"], _rms_norm)

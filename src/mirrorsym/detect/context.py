@@ -178,6 +178,15 @@ class RuleContext:
         self.detector.events.constraints.append((node, NEG, False))
         self.detector.events.absorbing.append(node)
 
+    def absorb_orthogonal(self, t: TensorAxes, dim: int) -> None:
+        """``t[dim]`` is read here only through the sum of its squares over that dim (the statistic of a
+        gain-free RMS norm, ``sum_i x_i²``): every orthogonal transform of the units (a rotation, and so
+        every sign flip and permutation) leaves it unchanged, so rotations may pass through this node and,
+        of the per-unit scalings, only sign flips (as :meth:`absorb_signs`, which this relaxes)."""
+        node = self._node(t, dim)
+        self.detector.events.constraints.append((node, NEG, True))
+        self.detector.events.absorbing.append(node)
+
     def stop_rotation(self, t: TensorAxes, dim: int) -> None:
         """Per-unit scalings still pass at ``t[dim]``, rotations do not."""
         self.detector.events.constraints.append((self._node(t, dim), ANY, False))

@@ -9,10 +9,11 @@ not understand makes it raise, and the detector then treats the call as unknown 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes, UnsupportedCall
 from .registry import builtins_loaded, register_rule
@@ -124,21 +125,80 @@ for fn in _PERMUTATION_ONLY:
     register_rule(fn, _unary(NONE, False))
 
 
-def _even(ctx: RuleContext) -> None:
+def _even(ctx: RuleContext, square: bool = False) -> None:
     """An even elementwise function (x², |x|, cos x: f(−x) = f(x)). The result does not see the sign of its
     input's units, so a sign flip stops here (only sign flips may reach the input); the result itself is
-    unchanged by any per-unit transform, so nothing per-unit may arrive at it either."""
+    unchanged by any per-unit transform, so nothing per-unit may arrive at it either.
+
+    A square (``square``) whose every use sums or averages it over a dim (``mean(x², -1)``, the statistic of
+    an RMS norm) reads that dim of ``x`` only through ``sum_i x_i²``, which every orthogonal transform of
+    the units leaves unchanged: rotations of that dim pass here too (:meth:`RuleContext.absorb_orthogonal`).
+    Only when the graph node is known (both tracers hand it over) and every use of it is such a reduction
+    of the square itself; anything else (x⁴, |x|, a square also read elementwise) keeps the sign flips
+    only."""
     x, y = _x(ctx), _y(ctx)
     if x.shape != y.shape:
         raise ValueError("shape changed")
+    summed = _summed_dims(ctx.graph_node, y.ndim) if square else set()
     for d in range(y.ndim):
         ctx.same(x, d, y, d)
-        ctx.absorb_signs(x, d)
+        if d in summed:
+            ctx.absorb_orthogonal(x, d)
+        else:
+            ctx.absorb_signs(x, d)
         ctx.stop(y, d)
 
 
+def _square(ctx: RuleContext) -> None:
+    _even(ctx, square=True)
+
+
+_SUMS = {torch.sum, torch.mean, "sum", "mean"}
+_SUMS_ATEN_DIM = {torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim}
+_SUMS_ATEN_ALL = {torch.ops.aten.sum.default, torch.ops.aten.mean.default}
+
+
+def _summed_dims(node: Any, ndim: int) -> set[int]:
+    """The dims that every use of ``node``'s value sums or averages over (``torch.sum`` / ``torch.mean`` /
+    the methods / their ATen overloads, with the value as the reduced tensor and nowhere else among the
+    arguments); empty when ``node`` is unknown, unused, or has any other use."""
+    if not isinstance(node, fx.Node) or not node.users:
+        return set()
+    out = set(range(ndim))
+    for u in node.users:
+        dims = _reduced_dims(u, node, ndim)
+        if dims is None:
+            return set()
+        out &= dims
+    return out
+
+
+def _reduced_dims(u: fx.Node, node: fx.Node, ndim: int) -> set[int] | None:
+    if u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not node:
+        return None
+    if any(a is node for a in u.args[1:]) or any(v is node for v in u.kwargs.values()):
+        return None
+    t = u.target
+    if u.op == "call_method" and t not in ("sum", "mean"):
+        return None
+    if u.op == "call_function":
+        if t in _SUMS_ATEN_ALL:
+            return set(range(ndim))
+        if not (t in _SUMS_ATEN_DIM or (callable(t) and t in _SUMS)):
+            return None
+    dim = u.kwargs["dim"] if "dim" in u.kwargs else (u.args[1] if len(u.args) > 1 else None)
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return set(range(ndim))  # every dim (ATen writes "all" as dim=[])
+    out: set[int] = set()
+    for d in dim if isinstance(dim, (list, tuple)) else [dim]:
+        if not isinstance(d, int) or isinstance(d, bool):
+            return None
+        out.add(d % ndim)
+    return out
+
+
 for fn in _EVEN:
-    register_rule(fn, _even)
+    register_rule(fn, _square if fn is torch.square else _even)
 
 for name in ["relu", "relu_"]:
     register_rule(name, _unary(POS, False), method=True)
@@ -159,8 +219,9 @@ for name in [
     register_rule(name, _unary(ANY, True), method=True)
 for name in ["sigmoid", "exp", "log", "sqrt", "rsqrt"]:
     register_rule(name, _unary(NONE, False), method=True)
-for name in ["abs", "square", "cos"]:
+for name in ["abs", "cos"]:
     register_rule(name, _even, method=True)
+register_rule("square", _square, method=True)
 
 
 @register_rule(F.hardtanh)
@@ -343,7 +404,7 @@ def _pow(ctx: RuleContext) -> None:
     c = ctx.arg(1, "exponent")
     integer = isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer() and c > 0
     if integer and int(c) % 2 == 0:
-        _even(ctx)
+        _even(ctx, square=int(c) == 2)
     else:
         _unary(NEG if integer else NONE, False)(ctx)
 
@@ -893,14 +954,17 @@ def _layernorm(ctx: RuleContext) -> None:
 def _norm_last(ctx: RuleContext, k: int, w, b, rms: bool = False) -> None:
     """A norm over the last ``k`` dims. Its statistics mix the units, so nothing per-unit passes, except
     through an RMS norm (``rms``: x / rms(x), no mean subtracted) the units' signs: they go on to the output,
-    or into the weight when there is one (w ⊙ x / rms(x) is unchanged when x_i and w_i flip together)."""
+    or into the weight when there is one (w ⊙ x / rms(x) is unchanged when x_i and w_i flip together).
+    An RMS norm without a weight commutes with every orthogonal transform of a normalised dim
+    (rms(Qx) = rms(x), so (Qx) / rms(Qx) = Q (x / rms(x))): rotations pass it as well. With a weight they
+    do not (Q diag(w) Qᵀ is not diagonal), nor through a LayerNorm (the mean subtraction)."""
     x, y = _x(ctx), _y(ctx)
     for d in range(x.ndim - k):
         _batch(ctx, x, y, [d], [d])
     for j in range(k):
         d = x.ndim - k + j
         if rms and w is None:
-            ctx.elementwise(x, d, y, d, NEG, False)
+            ctx.elementwise(x, d, y, d, NEG, True)
             continue
         ctx.same(x, d, y, d)
         if rms and isinstance(w, TensorAxes) and w.param is not None:
@@ -929,6 +993,15 @@ def _f_layer_norm(ctx: RuleContext) -> None:
     _norm_last(
         ctx, len(shape), w if isinstance(w, TensorAxes) else None, b if isinstance(b, TensorAxes) else None
     )
+
+
+if hasattr(F, "rms_norm"):
+
+    @register_rule(F.rms_norm)
+    def _f_rms_norm(ctx: RuleContext) -> None:
+        shape = ctx.arg(1, "normalized_shape")
+        w = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("weight")
+        _norm_last(ctx, len(shape), w if isinstance(w, TensorAxes) else None, None, rms=True)
 
 
 if hasattr(nn, "RMSNorm"):

@@ -302,7 +302,7 @@ class Detector:
                 args,
                 kwargs,
                 method=n.op == "call_method",
-                node=n if self.mode == "export" else None,
+                node=n,
             )
 
     def _path_of(self, n: fx.Node) -> str:

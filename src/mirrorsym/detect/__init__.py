@@ -16,13 +16,15 @@ verified numerically (float64, eval mode) before it is returned; above 2 GiB of 
 block, without a float64 copy of the whole model (:func:`verify_groups`).
 
 :func:`fold_norms` returns a copy of a pre-norm transformer with every norm's weight folded into the linear
-maps that read it, the form in which SliceGPT-style residual-stream rotations are exact.
+maps that read it, the form in which SliceGPT-style residual-stream rotations are exact; with
+``drop_gains=True`` the folded RMS norms also lose their (all-ones) gains as parameters
+(:class:`GainFreeRMSNorm`), and :func:`find_symmetries` then reports the stream rotation.
 """
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .context import ANY, NEG, NONE, POS, RuleContext, TensorAxes
 from .find import find_symmetries, verify_groups
-from .fold import fold_norms
+from .fold import GainFreeRMSNorm, fold_norms
 from .groups import (
     KINDS,
     BNScale,
@@ -53,6 +55,7 @@ __all__ = [
     "NONE",
     "POS",
     "DetectWarning",
+    "GainFreeRMSNorm",
     "Member",
     "RuleContext",
     "SymmetryGroup",

@@ -7,6 +7,14 @@ function. This is the first step of SliceGPT-style methods: with γ folded away 
 ``x / rms(x)``, which commutes with any orthogonal Q (``rms(Qx) = rms(x)``), so the whole residual
 stream can then be rotated (Q on the embedding columns and on every stream writer's rows, Qᵀ on every
 stream reader's columns). Before folding, only permutations of the stream commute with ``diag(γ)``.
+
+That rotation is a symmetry of the *function*; it is a symmetry of the *parametrisation* only once the
+gains are gone as parameters: while γ is a parameter (even one equal to 1), a rotation would have to
+carry it to ``Q diag(γ) Qᵀ``, which no vector γ' gives. ``fold_norms(model, drop_gains=True)`` therefore
+also replaces each folded RMS norm by a :class:`GainFreeRMSNorm` (``x / rms(x)``, no parameters), and
+:func:`~mirrorsym.detect.find_symmetries` then reports the residual-stream rotation (one ``rotation``
+group of size d_model). LayerNorms are folded but never made gain-free: their mean subtraction does not
+commute with a rotation (only with maps that fix the all-ones vector), so no stream rotation holds there.
 """
 
 from __future__ import annotations
@@ -16,10 +24,27 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["fold_norms"]
+__all__ = ["GainFreeRMSNorm", "fold_norms"]
 
 
-def fold_norms(model: nn.Module) -> nn.Module:
+class GainFreeRMSNorm(nn.Module):
+    """``x * rsqrt(mean(x², -1) + eps)`` over the last dim, computed in the input's dtype, with no
+    parameters: what :func:`fold_norms` (``drop_gains=True``) puts in place of a folded RMS norm.
+    ``eps=None`` means ``torch.finfo(x.dtype).eps`` (as ``nn.RMSNorm``)."""
+
+    def __init__(self, eps: float | None) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def fold_norms(model: nn.Module, drop_gains: bool = False) -> nn.Module:
     """A deep copy of ``model`` in which each recognised pre-norm's weight γ, and its bias β where that is
     exact, is folded into the linear maps that read the norm's output; the norm's weight is then all ones
     (its bias zero). ``model`` is not modified; the copy computes the same function (up to round-off).
@@ -40,12 +65,59 @@ def fold_norms(model: nn.Module) -> nn.Module:
     embedding too), a norm whose output is not ``weight * normalised + bias`` (checked numerically,
     e.g. Gemma's ``(1 + weight)``), or a LayerNorm bias β ≠ 0 when a reader has no bias to absorb ``W β``
     (then β is kept as ``β / γ`` if γ has no zeros, else the norm is skipped).
+
+    ``drop_gains=True``: each folded norm that is an RMS norm (checked numerically: with its weight at 1 it
+    computes ``x / sqrt(mean(x², -1) + eps)`` with its own ``eps``, ``variance_epsilon`` or ``epsilon``)
+    is then replaced by a parameter-free :class:`GainFreeRMSNorm` with the same eps, so that no per-channel
+    multiply is left on the stream and its rotation becomes a symmetry of the parameters (see the module
+    docstring). Norms that were not folded, and LayerNorms (mean subtraction), stay as they are. The state
+    dict then lacks those norms' weights. Default False: the norms keep their (all-ones) weights.
     """
     folded = copy.deepcopy(model)
     tied = _tied_ids(folded)
+    done = []
     for norm, readers in _pairs(folded):
-        _fold(norm, readers, tied)
+        if _fold(norm, readers, tied):
+            done.append(norm)
+    if drop_gains:
+        for norm in done:
+            ok, eps = _rms_eps(norm)
+            if ok:
+                _replace(folded, norm, GainFreeRMSNorm(eps))
     return folded
+
+
+def _rms_eps(norm: nn.Module) -> tuple[bool, float | None]:
+    """(True, eps) if ``norm`` at its (folded, all-ones) weight is ``GainFreeRMSNorm(eps)`` with its own eps,
+    else (False, None). Checked in float64 on random inputs with a non-zero mean (a LayerNorm differs) at
+    two scales: order 1 and order sqrt(eps), where the statistic and eps are alike (eps added elsewhere,
+    e.g. outside the square root, differs)."""
+    if isinstance(getattr(norm, "bias", None), torch.Tensor):
+        return False, None  # a LayerNorm-style bias (kept as β / γ when no reader could absorb W β)
+    names = [a for a in ("eps", "variance_epsilon", "epsilon") if hasattr(norm, a)]
+    eps = getattr(norm, names[0]) if names else False
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        return False, None
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False, None
+    probe = copy.deepcopy(norm).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, weight.numel(), generator=gen, dtype=torch.float64) + 0.5
+    scales = [1.0] + ([float(eps) ** 0.5] if eps else [])
+    with torch.no_grad():
+        for c in scales:
+            if not torch.allclose(probe(c * x), GainFreeRMSNorm(eps)(c * x), rtol=1e-5, atol=1e-6):
+                return False, None
+    return True, (None if eps is None else float(eps))
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered as a submodule under ``root``."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if child is old:
+                setattr(module, name, new)
 
 
 # ---------------------------------------------------------------------------- layouts

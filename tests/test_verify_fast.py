@@ -217,7 +217,7 @@ def test_the_memo_skips_work(monkeypatch):
     calls.clear()
     without = find._verify_blockwise(model, x, groups, 0, kw, leaf_memo=False)
     assert max(with_memo) <= 1e-10 and max(without) <= 1e-10
-    convs = 5  # the reference pass of the whole model, in both
+    convs = 10  # in both: the float64 reference pass of the whole model and its check against the model itself
     assert n_memo - convs <= 0.7 * (len(calls) - convs)
 
 
@@ -284,3 +284,45 @@ def test_nonfinite_weights_are_still_refused():
     for blockwise in (None, True, False):
         with pytest.raises(NonFiniteError, match="running_var"):
             verify_groups(model, x, groups, blockwise=blockwise)
+
+
+class Stacked(nn.Module):
+    """Residual MLP blocks in an nn.ModuleList (never called itself, as in every Hugging Face model), each
+    read through a gain-free RMS norm; ``tied``: the head reads the embedding's weight without calling it."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(2))
+        self.head = None if tied else nn.Linear(8, 20, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return nn.functional.linear(x, self.embed.weight) if self.head is None else self.head(x)
+
+
+def test_blockwise_runs_blocks_inside_a_module_list_and_catches_what_the_whole_check_catches():
+    """The block-by-block pass swaps a ModuleList's blocks in when each is called: the stream rotation (a
+    true symmetry) passes and a planted one (the head's columns left out) fails, as in the whole-model
+    check. Before, the blocks ran with meta weights, which F.linear turned into uninitialised memory."""
+    torch.manual_seed(0)
+    model, ids = Stacked(), torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    (stream,) = [g for g in find_symmetries(model, ids, verify=False) if g.kind == "rotation" and g.size == 8]
+    planted = copy.deepcopy(stream)
+    planted.members = [m for m in stream.members if m.name != "head.weight"]
+    whole = verify_groups(model, (ids,), [stream, planted], blockwise=False)
+    blocks = find._verify_blockwise(model, (ids,), [stream, planted], 0, {})
+    assert blocks is not None and whole[0] <= 1e-12 and blocks[0] <= 1e-12
+    assert whole[1] > 1e-3 and blocks[1] > 1e-3
+
+
+def test_blockwise_falls_back_when_a_module_reads_weights_it_does_not_call():
+    """The tied head reads the embedding's weight outside the embedding's call: there the block-by-block
+    pass sees a meta tensor, so it declines (None) and the whole-model copy verifies instead."""
+    torch.manual_seed(0)
+    model, ids = Stacked(tied=True), torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    groups = find_symmetries(model, ids, verify=False)
+    assert groups and find._verify_blockwise(model, (ids,), list(groups), 0, {}) is None
+    assert max(verify_groups(model, (ids,), list(groups))) <= 1e-12

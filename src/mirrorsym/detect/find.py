@@ -255,8 +255,11 @@ class _Swapper:
     """Runs a *shell* of the model (its module tree with every parameter and buffer replaced by a meta
     tensor, so nothing is duplicated) in float64: while a *block* runs, its tensors are float64 copies of
     the model's, transformed by the group being checked. Blocks: the largest submodules whose float64
-    tensors fit in ``budget`` bytes; a module above them swaps only its own tensors. A module that reads a
-    tensor outside the block being run meets a meta tensor and fails loudly (never silently in float32)."""
+    tensors fit in ``budget`` bytes; a module above them swaps only its own tensors, and a module inside a
+    block that is called without it (a block in an ``nn.ModuleList``) swaps in what is not in yet. A module
+    that reads a tensor outside the block being run meets a meta tensor: some ops then fail, others
+    (``F.linear``) return uninitialised memory, so the caller compares the pass with the model itself
+    (:func:`_shell_agrees`) before trusting it."""
 
     def __init__(self, model: nn.Module, budget: int, keep: bool = False):
         tensors = _unique_tensors(model)
@@ -291,12 +294,16 @@ class _Swapper:
                 t = model.get_buffer(m.name) if m.buffer else model.get_parameter(m.name)
                 self.members.setdefault(id(t), []).append(m)
 
-    def float64_tensors(self, module: nn.Module, recurse: bool, cache: dict) -> list[tuple[nn.Module, str, object]]:
-        """[(shell module, attribute, float64 value)] for ``module``'s own tensors (or its subtree's)."""
+    def float64_tensors(self, module: nn.Module, recurse: bool, cache: dict,
+                        only_meta: bool = False) -> list[tuple[nn.Module, str, object]]:
+        """[(shell module, attribute, float64 value)] for ``module``'s own tensors (or its subtree's);
+        ``only_meta``: only those not swapped in already (by an enclosing block that is running)."""
         mods = module.modules() if recurse else [module]
         out = []
         for sm in mods:
             for attr, t in self.real.get(sm, ()):
+                if only_meta and not getattr(sm, attr).is_meta:
+                    continue
                 if id(t) not in cache:
                     members = self.members.get(id(t))
                     v = self.cast(t, fresh=bool(members))
@@ -336,9 +343,9 @@ class _Swapper:
     def install(self) -> None:
         stack: list = []
 
-        def hooks(module, recurse):
+        def hooks(module, recurse, nested=False):
             def pre(mod, args):
-                cm = self.swapped(self.float64_tensors(mod, recurse, {}))
+                cm = self.swapped(self.float64_tensors(mod, recurse, {}, only_meta=nested))
                 cm.__enter__()
                 stack.append(cm)
 
@@ -351,6 +358,11 @@ class _Swapper:
         def walk(module, is_root):
             if not is_root and self.size[module] <= self.budget:
                 hooks(module, True)
+                # a block need not be called itself (an nn.ModuleList, or a forward that calls a child of
+                # it directly): each descendant holding tensors swaps in, when called, what is not yet in
+                for sub in module.modules():
+                    if sub is not module and any(self.real[m] for m in sub.modules()):
+                        hooks(sub, True, nested=True)
                 return
             if self.real[module]:
                 hooks(module, False)
@@ -700,6 +712,8 @@ def _verify_blockwise(
     _warn_if_zero(y0)
     ref = OutputReference(y0)
     del y0
+    if not _shell_agrees(model, inputs, kwargs, ref):
+        return None  # the block-by-block pass did not compute the model (see _shell_agrees): whole copy
 
     def block_of(path: str) -> str:
         """``path`` or the nearest module enclosing it that can be checked alone ("" = none)."""
@@ -745,6 +759,28 @@ def _verify_blockwise(
         errors[i] = max(ref.change(run_whole("check")), whole_memo.cut)
     sw.set_group(None)
     return errors
+
+
+_SHELL_AGREES = 1e-3  # relative: float64 block by block vs the model in its own dtype (float32)
+
+
+def _shell_agrees(model: nn.Module, inputs: tuple, kwargs: dict | None, ref: OutputReference) -> bool:
+    """Whether the block-by-block float64 pass computed what the model computes (in its own dtype, eval
+    mode). A tensor read outside the block that runs is a meta tensor there, and some ops (``F.linear``
+    with a meta weight) return uninitialised memory instead of failing: never verify on that."""
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            a, k = _clone_tree((tuple(inputs), dict(kwargs or {})))
+            eps = max((torch.finfo(t.dtype).eps for t in _unique_tensors(model).values() if t.is_floating_point()),
+                      default=0.0)
+            return ref.change(model(*a, **k)) <= max(_SHELL_AGREES, 8 * eps)  # bfloat16: 0.06
+    except Exception:
+        return False
+    finally:
+        for m, t in was.items():
+            m.training = t
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ def test_registered_first_in_the_report():
 def test_tiny_run_passes_every_check_and_draws_its_figure(tiny):
     results, cfg, out = tiny
     claims = D.claims(results, cfg)
-    assert len(claims) == 2 * len(cfg.models) + 1
+    assert len(claims) == 2 * len(cfg.models) + 2  # + the RoPE check and the folding check
     assert all(c.passed for c in claims), [c.claim for c in claims if not c.passed]
     assert [p.name for p in D.plot(results, Context(out_dir=out))] == ["detection.png"]
 
@@ -56,6 +56,17 @@ def test_the_rope_check_fails_if_the_rotation_survives_or_is_reported(tiny):
     reported = copy.deepcopy(results)
     reported["rope"]["qk_rotations_reported"] = ["rotation#3"]
     for bad in (survives, reported):
+        assert not D.claims(bad, cfg)[-2].passed
+
+
+def test_the_folding_check_fails_if_the_function_changes_or_the_kept_gains_rotate(tiny):
+    results, cfg, _ = tiny
+    assert D.claims(results, cfg)[-1].claim.startswith("folding the norm gains")
+    changed = copy.deepcopy(results)
+    changed["fold"]["function_change"] = 1e-7
+    rotates = copy.deepcopy(results)
+    rotates["fold"]["stream_rotations_gains_kept"] = ["rotation#9"]
+    for bad in (changed, rotates):
         assert not D.claims(bad, cfg)[-1].passed
 
 

@@ -58,7 +58,9 @@ def fold_norms(model: nn.Module, drop_gains: bool = False) -> nn.Module:
       projection), ``ln_2`` → ``mlp[0]``; ``nn.TransformerEncoderLayer(norm_first=True)``: ``norm1`` →
       ``self_attn``, ``norm2`` → ``linear1``;
     * the final norm before the output head: ``model.norm`` / ``transformer.ln_f`` → ``lm_head``,
-      ``encoder.ln`` → ``heads.head``.
+      ``encoder.ln`` → ``heads.head``;
+    * the built-in example decoder (:class:`mirrorsym.detect.examples.TinyLlama`, ``mirrorsym scan llama``):
+      ``attn_norm`` → ``q, k, v``, ``mlp_norm`` → ``gate, up``, ``norm`` → ``head``.
 
     A norm is left as it is when folding would not be exact: a reader whose weight is tied to another
     parameter (a final norm before an LM head tied to the input embedding: folding would change the
@@ -149,8 +151,13 @@ _HEAD_LAYOUTS = [
 
 
 def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    from .examples import LlamaBlock, TinyLlama
+
     out: list[tuple[nn.Module, list[nn.Module]]] = []
     for _, block in model.named_modules():
+        if isinstance(block, LlamaBlock):
+            out += [(block.attn_norm, [block.q, block.k, block.v]), (block.mlp_norm, [block.gate, block.up])]
+            continue
         if isinstance(block, nn.TransformerEncoderLayer):
             if block.norm_first:
                 out += [(block.norm1, [block.self_attn]), (block.norm2, [block.linear1])]
@@ -165,6 +172,8 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
         readers = [r for r in (_get(model, p) for p in reader_paths) if r is not None]
         if norm is not None and len(readers) == len(reader_paths):
             out.append((norm, readers))
+    if isinstance(model, TinyLlama):
+        out.append((model.norm, [model.head]))
     return out
 
 

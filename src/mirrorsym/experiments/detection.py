@@ -10,7 +10,10 @@ built-in models (:mod:`mirrorsym.detect.examples`) whose groups are counted by h
    some weight;
 3. **verification can fail**: a Llama-style decoder without RoPE has a query–key rotation per KV head
    (detected and verified on that twin); the same rotations applied to the RoPE model change its outputs
-   by ≥ 1e-3, and the detector does not report them there.
+   by ≥ 1e-3, and the detector does not report them there;
+4. **symmetries that exist only after folding**: ``fold_norms(llama, drop_gains=True)`` computes the same
+   function (float64, ≤ 1e-10) and its residual stream rotates (one rotation 32, counted in (1)); folded
+   with the all-ones gains kept as parameters it does not (no rotation of the stream is reported).
 
 Hand derivations (d = width, h = heads):
 
@@ -30,6 +33,10 @@ Hand derivations (d = width, h = heads):
   within each KV group 2 × permutation 2, v·o rotation 8 per KV head (2), two norm scale 32; globally the
   stream permutation 32, the final norm's scale 32 with the head, the stream's sign flip 32 (RMSNorm
   divides by an even function of each coordinate). No q·k rotation (RoPE). 21 groups.
+* ``llama-folded`` (``fold_norms(llama, drop_gains=True)``: every RMSNorm gain folded into its readers and
+  the norms made gain-free): the five norm scales are gone, and the stream's permutation and sign flip
+  become one rotation 32 (x / rms(x) commutes with every orthogonal map; embedding columns, o and down rows,
+  q/k/v, gate/up and head columns). The per-layer groups stay: 15 groups.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 
 from ..core.mirror import output_change
-from ..detect import find_symmetries, verify_groups
+from ..detect import find_symmetries, fold_norms, verify_groups
 from ..detect.examples import EXAMPLES, TinyLlama
 from .base import Claim, Context
 from .plotting import figure, save
@@ -58,19 +65,30 @@ EXPECTED: dict[str, dict[tuple[str, int], int]] = {
             ("scale", 16): 3},
     "llama": {("permutation", 64): 2, ("scale", 64): 2, ("permutation", 2): 6, ("rotation", 8): 4,
               ("scale", 32): 5, ("permutation", 32): 1, ("sign_flip", 32): 1},
+    "llama-folded": {("permutation", 64): 2, ("scale", 64): 2, ("permutation", 2): 6, ("rotation", 8): 4,
+                     ("rotation", 32): 1},
 }
+
+
+def example(name: str):
+    """(model, inputs) of a built-in example, or of the folded Llama (gains folded and dropped)."""
+    if name == "llama-folded":
+        model, x = EXAMPLES["llama"]()
+        return fold_norms(model, drop_gains=True), x
+    return EXAMPLES[name]()
 
 
 @dataclass(frozen=True)
 class Config:
-    models: tuple[str, ...] = ("mlp-tanh", "cnn", "gpt", "llama")
+    models: tuple[str, ...] = ("mlp-tanh", "cnn", "gpt", "llama", "llama-folded")
     elements: int = 3  # fresh random elements per group in the independent re-check
     tol: float = 1e-10
     rope_min_change: float = 1e-3
     seed: int = 0
 
 
-CONFIGS = {"tiny": Config(models=("mlp-tanh", "llama"), elements=1), "quick": Config(), "full": Config(elements=10)}
+CONFIGS = {"tiny": Config(models=("mlp-tanh", "llama", "llama-folded"), elements=1), "quick": Config(),
+           "full": Config(elements=10)}
 
 
 def recheck(model: torch.nn.Module, x: torch.Tensor, group, elements: int, seed: int) -> tuple[float, bool]:
@@ -94,7 +112,7 @@ def recheck(model: torch.nn.Module, x: torch.Tensor, group, elements: int, seed:
 def run(cfg: Config, ctx: Context) -> dict:
     models = {}
     for name in ctx.track(cfg.models, "detection: models"):
-        model, x = EXAMPLES[name]()
+        model, x = example(name)
         smap = find_symmetries(model, x, seed=cfg.seed)
         checks = [recheck(model, x, g, cfg.elements, cfg.seed + i) for i, g in enumerate(smap)]
         models[name] = {"groups": [{"kind": g.kind, "size": g.size, "label": g.label, "verify_error": g.error,
@@ -113,9 +131,23 @@ def run(cfg: Config, ctx: Context) -> dict:
     reported = [g.label for g in find_symmetries(model, ids, seed=cfg.seed).by_kind("rotation")
                 if any(n.endswith(".q.weight") for n in g.params)]
     return {"models": models, "expected": {n: {f"{k}:{s}": c for (k, s), c in EXPECTED[n].items()}
-                                           for n in cfg.models},
+                                           for n in cfg.models}, "fold": fold_check(cfg),
             "rope": {"twin_errors": on_twin, "rope_errors": [float(e) for e in on_rope],
                      "qk_rotations_reported": reported, "n": len(qk)}}
+
+
+def fold_check(cfg: Config) -> dict:
+    """The folded Llama's function against the original (float64) and the stream rotations reported when
+    the folded (all-ones) gains stay parameters."""
+    model, ids = EXAMPLES["llama"]()
+    m64 = copy.deepcopy(model).double()  # folded in float64: the fold's own products round at 1e-16
+    with torch.no_grad():
+        change = output_change(m64(ids), fold_norms(m64, drop_gains=True)(ids))
+    kept = fold_norms(model)
+    d = model.embed.weight.shape[1]
+    stream = [g.label for g in find_symmetries(kept, ids, seed=cfg.seed).by_kind("rotation")
+              if g.size == d and any(n == "embed.weight" for n in g.params)]
+    return {"function_change": change, "stream_rotations_gains_kept": stream}
 
 
 def plot(results: dict, ctx: Context) -> list:
@@ -175,4 +207,12 @@ def claims(results: dict, cfg: Config) -> list[Claim]:
                       "rope_min": min(rope["rope_errors"], default=None),
                       "reported": len(rope["qk_rotations_reported"]), "rotations": rope["n"]},
                      twin_ok and broken and not rope["qk_rotations_reported"] and rope["n"] == 4))
+    if "fold" in results and "llama-folded" in results["models"]:
+        fold = results["fold"]
+        out.append(Claim("folding the norm gains keeps the Llama's function, and the residual stream rotates only "
+                         "once the gains are gone as parameters (folded with the all-ones gains kept: no stream "
+                         "rotation)", f"change ≤ {cfg.tol:g}; 0 stream rotations with gains kept",
+                         {"function_change": fold["function_change"],
+                          "stream_rotations_gains_kept": len(fold["stream_rotations_gains_kept"])},
+                         fold["function_change"] <= cfg.tol and not fold["stream_rotations_gains_kept"]))
     return out

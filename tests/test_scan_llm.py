@@ -44,4 +44,7 @@ def test_scan_a_saved_tiny_llama(tmp_path, monkeypatch):
     assert kinds == {("permutation", 128): 2, ("scale", 128): 2, ("permutation", 2): 6, ("rotation", 16): 4,
                      ("scale", 64): 4, ("sign_flip", 64): 1}
     assert all(float(err) <= 1e-6 for _, _, err in rows)
+    # a float64 rotation is never exact to the last bit: an error of exactly 0 meant the blocks ran on
+    # something other than their weights (the ModuleList of layers once left them as meta tensors)
+    assert all(float(err) > 0 for kind, _, err in rows if kind == "rotation")
     assert "Total: 19 symmetry groups (8 permutation, 4 rotation, 6 scale, 1 sign_flip)" in result.output

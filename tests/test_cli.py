@@ -308,6 +308,24 @@ def test_token_model_scans_with_long_inputs(work):
     assert json.loads(result.stdout)["groups"]
 
 
+def test_scan_fold_norms_reports_the_stream_rotation_only_after_folding(work):
+    """--fold-norms scans fold_norms(model, drop_gains=True): on the built-in Llama the stream's permutation
+    and sign flip become one rotation over embed … head and the 5 norm scalings go; a model without a
+    recognised norm is scanned as it is, and says so."""
+    def groups(*extra):
+        result = cli.invoke(app, ["scan", "llama", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["groups"], result.stderr
+
+    plain, _ = groups()
+    folded, note = groups("--fold-norms")
+    assert "5 RMS norms folded" in note  # 2 per layer and the final one and (len(plain), len(folded)) == (21, 15)
+    stream = [g for g in folded if g["kind"] == "rotation" and g["size"] == 32]
+    assert len(stream) == 1 and not [g for g in plain if g["kind"] == "rotation" and g["size"] == 32]
+    result = cli.invoke(app, ["scan", "mlp-tanh", "--fold-norms"])
+    assert result.exit_code == 0 and "none recognised" in " ".join(result.output.split())
+
+
 def test_huggingface_folder(work, monkeypatch):
     hf = work.path / "hf"
     hf.mkdir()

@@ -23,6 +23,10 @@ def scan(
     checkpoint: CheckpointOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the SymmetryMap as JSON instead of a table.")] = False,
+    fold_norms: Annotated[bool, typer.Option(
+        "--fold-norms", help="Scan the model with its norm gains folded into the maps that read them and the "
+        "folded RMS norms made gain-free (ms.detect.fold_norms(model, drop_gains=True)): the residual-stream "
+        "rotations that exist only then are reported.")] = False,
 ) -> None:
     """Find MODEL's parameter symmetries: kind, size, layers, parameters moved, verification error.
 
@@ -34,6 +38,14 @@ def scan(
 
     net, x = prepare(model, InputSpec(input_shape, input_dtype, input_high), checkpoint, trust_pickle)
     console = Console(stderr=json_)  # with --json, stdout holds nothing but the JSON
+    if fold_norms:
+        from ..detect import GainFreeRMSNorm
+        from ..detect import fold_norms as fold
+
+        net = fold(net, drop_gains=True)
+        gain_free = sum(isinstance(m, GainFreeRMSNorm) for m in net.modules())
+        console.print(f"--fold-norms: {gain_free} RMS norms folded into their readers and made gain-free"
+                      + ("" if gain_free else " (none recognised: the model is scanned as it is)"))
     with console.status(f"tracing, classifying and verifying the symmetries of {model} ..."):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -144,7 +144,7 @@ def fold_check(cfg: Config) -> dict:
     with torch.no_grad():
         change = output_change(m64(ids), fold_norms(m64, drop_gains=True)(ids))
     kept = fold_norms(model)
-    d = model.embed.weight.shape[1]
+    d = dict(model.named_parameters())["embed.weight"].shape[1]
     stream = [g.label for g in find_symmetries(kept, ids, seed=cfg.seed).by_kind("rotation")
               if g.size == d and any(n == "embed.weight" for n in g.params)]
     return {"function_change": change, "stream_rotations_gains_kept": stream}

@@ -28,3 +28,16 @@ def tanh_net(params, x):
 
 def unit(i):
     return {"fc1.weight": (0, [i]), "fc1.bias": (0, [i]), "fc2.weight": (1, [i])}
+
+
+@pytest.fixture(params=["export", "fx"])
+def trace(request, monkeypatch):
+    """Run a test through torch.export and, with export made to fail, through the torch.fx fallback."""
+    if request.param == "fx":
+        import mirrorsym.detect.trace as tracing
+
+        def no_export(*args, **kwargs):
+            raise RuntimeError("export switched off for this test")
+
+        monkeypatch.setattr(tracing, "export", no_export)
+    return request.param

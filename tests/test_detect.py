@@ -355,19 +355,6 @@ class Even(nn.Module):
         return self.fn(x)
 
 
-@pytest.fixture(params=["export", "fx"])
-def trace(request, monkeypatch):
-    """Run a test through torch.export and, with export made to fail, through the torch.fx fallback."""
-    if request.param == "fx":
-        import mirrorsym.detect.trace as tracing
-
-        def no_export(*args, **kwargs):
-            raise RuntimeError("export switched off for this test")
-
-        monkeypatch.setattr(tracing, "export", no_export)
-    return request.param
-
-
 @pytest.mark.parametrize("fn", [torch.abs, torch.square, lambda x: x**2, lambda x: x.pow(4), torch.cos],
                          ids=["abs", "square", "pow2", "pow4", "cos"])
 def test_even_activation_flips_the_incoming_weights_only(fn, trace):

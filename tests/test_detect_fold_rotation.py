@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 import transformers as hf
+from test_fold import randomise_norms
 from torch import nn
 
-import mirrorsym.detect.trace as trace_mod
 from mirrorsym.core.mirror import output_change
 from mirrorsym.detect import DetectWarning, GainFreeRMSNorm, find_symmetries, fold_norms
 
@@ -32,16 +32,6 @@ def quiet(model, args, kwargs=None, **kw):
 
 def kinds(smap) -> dict:
     return dict(collections.Counter((g.kind, g.size) for g in smap))
-
-
-def randomise_norms(model):
-    """Norm weights away from 1, so that folding changes the readers."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or ".ln" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model
 
 
 def llama():
@@ -278,18 +268,8 @@ def hand_change(net):
         return output_change(ref(X.double()), rotate_net(ref, q)(X.double()))
 
 
-@pytest.fixture(params=["export", "fx"])
-def path(request, monkeypatch):
-    if request.param == "fx":
-        def fail(*a, **k):
-            raise RuntimeError("export disabled for this test")
-
-        monkeypatch.setattr(trace_mod, "export", fail)
-    return request.param
-
-
 @pytest.mark.parametrize("norm", sorted(ROTATING))
-def test_gain_free_rms_norms_pass_rotations(norm, path):
+def test_gain_free_rms_norms_pass_rotations(norm, trace):
     net = Net(ROTATING[norm])
     assert hand_change(net) <= 1e-12  # the reference: the rotation is exact
     smap = quiet(net, (X,))
@@ -302,7 +282,7 @@ def test_gain_free_rms_norms_pass_rotations(norm, path):
 
 
 @pytest.mark.parametrize("norm", sorted(NOT_ROTATING))
-def test_other_norms_stop_rotations(norm, path):
+def test_other_norms_stop_rotations(norm, trace):
     net = Net(NOT_ROTATING[norm])
     assert hand_change(net) > 1e-3  # the reference: the rotation is not a symmetry of these nets
     smap = find_symmetries(net, (X,), verify=False)  # not even proposed
